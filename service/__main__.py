@@ -1,0 +1,39 @@
+"""Command line: ``python -m service [--config FILE]`` (or the ``relay`` script)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .config import CONFIG_ENV_VAR, ConfigError, load_settings
+from .logs import configure
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="relay", description="Observable HTTP reverse proxy.")
+    parser.add_argument(
+        "--config",
+        help=f"YAML config file (default: ${CONFIG_ENV_VAR}, else the built-in demo config)",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config, print it and exit"
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.check_config:
+        print(settings.model_dump_json(indent=2))
+        return
+    configure(settings.log)
+    from .server import run
+
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()

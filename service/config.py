@@ -1,0 +1,211 @@
+"""Typed configuration: a YAML file plus ``RELAY_*`` environment overrides, validated once.
+
+The file path comes from ``--config`` or ``RELAY_CONFIG``. Environment variables override
+file values with ``__`` as the nesting delimiter (``RELAY_SERVER__PORT=8000``). With no file
+the built-in default applies: a demo upstream on loopback and one route to it, so that a bare
+``python -m service`` proxies something real.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+CONFIG_ENV_VAR = "RELAY_CONFIG"
+
+# Names become Prometheus label values and span attributes: keep them short identifiers so
+# label cardinality is bounded by the config, never by traffic.
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """Raised for any invalid configuration; the message names the offending field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolConfig(_Strict):
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
+    max_keepalive_connections: Annotated[int, Field(ge=0, le=100_000)] = 100
+    keepalive_expiry_seconds: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _keepalive_within_max(self) -> PoolConfig:
+        if self.max_keepalive_connections > self.max_connections:
+            raise ValueError("max_keepalive_connections must not exceed max_connections")
+        return self
+
+
+class TimeoutConfig(_Strict):
+    connect: Seconds | None = 5.0
+    read: Seconds | None = 30.0
+    write: Seconds | None = 30.0
+    pool: Seconds | None = 5.0
+
+
+class UpstreamConfig(_Strict):
+    url: AnyHttpUrl
+    transport: Literal["aiohttp", "httpcore"] = "aiohttp"
+    preserve_host: bool = False
+    verify_tls: bool = True
+    pool: PoolConfig = PoolConfig()
+    timeouts: TimeoutConfig = TimeoutConfig()
+
+    @field_validator("url")
+    @classmethod
+    def _no_query(cls, value: AnyHttpUrl) -> AnyHttpUrl:
+        if value.query or value.fragment:
+            raise ValueError("upstream url must not carry a query or fragment")
+        return value
+
+
+class RouteConfig(_Strict):
+    name: Name | None = None
+    prefix: Annotated[str, Field(pattern=r"^/[^?#\s]*$")] = "/"
+    host: Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9.-]+$")] | None = None
+    upstream: Name
+    strip_prefix: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.upstream
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    admin_host: str = "0.0.0.0"
+    admin_port: Annotated[int, Field(ge=0, le=65535)] = 9090
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] = "relay"
+    drain_delay_seconds: Annotated[float, Field(ge=0)] = 5.0
+    grace_period_seconds: Annotated[float, Field(ge=0)] = 30.0
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    backlog: Annotated[int, Field(ge=1)] = 2048
+    retry_after_seconds: Annotated[int, Field(ge=0)] = 1
+
+
+class LogConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+
+
+class DemoConfig(_Strict):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8081
+
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "demo": {"enabled": True, "host": "127.0.0.1", "port": 8081},
+    "upstreams": {"demo": {"url": "http://127.0.0.1:8081"}},
+    "routes": [{"name": "demo", "prefix": "/", "upstream": "demo"}],
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerConfig = ServerConfig()
+    log: LogConfig = LogConfig()
+    demo: DemoConfig = DemoConfig()
+    upstreams: dict[Name, UpstreamConfig] = Field(min_length=1)
+    routes: list[RouteConfig] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file (passed as init kwargs) is the base; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _routes_reference_upstreams(self) -> Settings:
+        seen: set[tuple[str | None, str]] = set()
+        labels: set[str] = set()
+        for index, route in enumerate(self.routes):
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                raise ValueError(
+                    f"routes.{index}.upstream: unknown upstream {route.upstream!r} (known: {known})"
+                )
+            key = (route.host.lower() if route.host else None, route.prefix)
+            if key in seen:
+                raise ValueError(f"routes.{index}: duplicate route for host/prefix {key}")
+            seen.add(key)
+            if route.name is not None:
+                if route.name in labels:
+                    raise ValueError(f"routes.{index}.name: duplicate route name {route.name!r}")
+                labels.add(route.name)
+        return self
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        where = ".".join(str(part) for part in item["loc"])
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once: the file (or the built-in default), then ``RELAY_*`` env."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV_VAR) or None
+    data = read_yaml(Path(path)) if path is not None else dict(DEFAULT_CONFIG)
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config: {_format_validation_error(exc)}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc

@@ -1,0 +1,90 @@
+"""The one vocabulary of proxy failures, shared by responses, metrics, logs and spans.
+
+Every upstream failure is reduced to a bounded ``reason`` string. The reason decides the
+downstream status, the RFC 9209 ``Proxy-Status`` error type, the metric label and the span
+status, so the four can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import httpx
+
+
+class Reason(StrEnum):
+    CONNECT = "connect"
+    CONNECT_TIMEOUT = "connect_timeout"
+    READ_TIMEOUT = "read_timeout"
+    WRITE_TIMEOUT = "write_timeout"
+    POOL_TIMEOUT = "pool_timeout"
+    PROTOCOL = "protocol"
+    RESET = "reset"
+    NO_ROUTE = "no_route"
+    BAD_REQUEST = "bad_request"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    proxy_status_error: str  # RFC 9209 section 2.3 error type
+    text: str
+
+
+FAILURES: dict[Reason, Failure] = {
+    Reason.CONNECT: Failure(502, "connection_refused", "upstream connection failed"),
+    Reason.CONNECT_TIMEOUT: Failure(504, "connection_timeout", "upstream connect timed out"),
+    Reason.READ_TIMEOUT: Failure(504, "connection_read_timeout", "upstream response timed out"),
+    Reason.WRITE_TIMEOUT: Failure(504, "connection_write_timeout", "upstream write timed out"),
+    Reason.POOL_TIMEOUT: Failure(
+        503, "connection_limit_reached", "no upstream connection available"
+    ),
+    Reason.PROTOCOL: Failure(502, "http_protocol_error", "invalid upstream response"),
+    Reason.RESET: Failure(502, "connection_terminated", "upstream closed the connection"),
+    Reason.NO_ROUTE: Failure(404, "destination_not_found", "no route for this request"),
+    Reason.BAD_REQUEST: Failure(400, "http_request_error", "malformed request"),
+    Reason.INTERNAL: Failure(502, "proxy_internal_error", "proxy internal error"),
+}
+
+
+class StaleConnectionError(httpx.RemoteProtocolError):
+    """A reused keep-alive connection was closed by the upstream before any response byte.
+
+    Raised by the transports so the retry policy can tell this race (safe to retry for an
+    idempotent, bodiless request) from a fresh connection being reset (not retried).
+    """
+
+
+def classify(exc: BaseException) -> Reason:
+    """Map an httpx exception (from either transport) to its reason."""
+    if isinstance(exc, httpx.PoolTimeout):
+        return Reason.POOL_TIMEOUT
+    if isinstance(exc, httpx.ConnectTimeout):
+        return Reason.CONNECT_TIMEOUT
+    if isinstance(exc, httpx.ReadTimeout):
+        return Reason.READ_TIMEOUT
+    if isinstance(exc, httpx.WriteTimeout):
+        return Reason.WRITE_TIMEOUT
+    if isinstance(exc, httpx.ConnectError):
+        return Reason.CONNECT
+    if isinstance(
+        exc, StaleConnectionError | httpx.ReadError | httpx.WriteError | httpx.CloseError
+    ):
+        return Reason.RESET
+    if isinstance(exc, httpx.RemoteProtocolError):
+        # httpcore reports an upstream that hung up between messages this way.
+        text = str(exc).lower()
+        return Reason.RESET if "disconnected" in text or "peer closed" in text else Reason.PROTOCOL
+    if isinstance(exc, httpx.TransportError):
+        return Reason.PROTOCOL
+    return Reason.INTERNAL
+
+
+def proxy_status(server_name: str, reason: Reason, upstream: str | None) -> str:
+    """An RFC 9209 ``Proxy-Status`` field value naming this proxy, the error and the hop."""
+    value = f"{server_name}; error={FAILURES[reason].proxy_status_error}"
+    if upstream is not None:
+        value += f'; next-hop="{upstream}"'
+    return value

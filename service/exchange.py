@@ -1,0 +1,67 @@
+"""The record of one proxied exchange, filled in by the proxy and read by observers.
+
+Metrics, logs and spans all read the same record, so the status, reason, disconnect side
+and phase, durations and byte counts they report are the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from .errors import Reason
+
+
+class Side(StrEnum):
+    CLIENT = "client"
+    UPSTREAM = "upstream"
+
+
+class Phase(StrEnum):
+    BEFORE_HEADERS = "before_headers"
+    BODY = "body"
+
+
+@dataclass
+class Exchange:
+    method: str
+    route: str | None
+    upstream: str | None
+    started: float = field(default_factory=time.perf_counter)
+    status: int | None = None
+    reason: Reason | None = None
+    disconnect_side: Side | None = None
+    disconnect_phase: Phase | None = None
+    headers_seconds: float | None = None
+    total_seconds: float | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    response_started: bool = False
+
+    def mark_headers(self) -> None:
+        self.headers_seconds = time.perf_counter() - self.started
+
+    def mark_done(self) -> None:
+        self.total_seconds = time.perf_counter() - self.started
+
+    def disconnected(self, side: Side) -> None:
+        if self.disconnect_side is None:
+            self.disconnect_side = side
+            self.disconnect_phase = Phase.BODY if self.response_started else Phase.BEFORE_HEADERS
+
+    @property
+    def outcome(self) -> str:
+        """One word for logs: ok, the failure reason, or who hung up."""
+        if self.disconnect_side is Side.CLIENT:
+            return "client_disconnect"
+        if self.reason is not None:
+            return self.reason.value
+        return "ok"
+
+
+class ExchangeObserver(Protocol):
+    def started(self, exchange: Exchange) -> None: ...
+    def headers(self, exchange: Exchange) -> None: ...
+    def finished(self, exchange: Exchange) -> None: ...

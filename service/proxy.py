@@ -1,0 +1,267 @@
+"""The proxy itself: match a route, forward the request, stream the response back.
+
+Disconnect safety rests on one rule: the upstream response is closed in a shielded
+``finally`` of the task that opened it, whatever ends the exchange (completion, a client
+that hangs up, an upstream that fails, cancellation at shutdown). Nothing depends on
+Starlette background tasks, which are skipped on some paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import anyio
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from .config import RouteConfig, Settings
+from .errors import FAILURES, Reason, classify, proxy_status
+from .exchange import Exchange, ExchangeObserver, Side
+from .headers import (
+    RequestContext,
+    downstream_response_headers,
+    has_body,
+    upstream_request_headers,
+)
+from .routing import Router, rewrite_path
+from .upstreams import Upstream, UpstreamSet
+
+log = logging.getLogger("relay.proxy")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
+
+
+class ClientDisconnected(Exception):
+    """The downstream client went away while its request body was being read."""
+
+
+class ClientChannel:
+    """Owns ``receive`` for one request: the body reader first, then a disconnect watcher.
+
+    ASGI allows one reader at a time, so the watcher only starts reading once the body is
+    finished; until then the body reader is the one that sees ``http.disconnect``.
+    """
+
+    def __init__(self, receive: Receive, exchange: Exchange) -> None:
+        self._receive = receive
+        self._exchange = exchange
+        self.gone = False
+        self.response_complete = False
+        self._body_done = anyio.Event()
+
+    def no_body(self) -> None:
+        self._body_done.set()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self._lost()
+                    raise ClientDisconnected("client disconnected during the request body")
+                chunk: bytes = message.get("body", b"")
+                if chunk:
+                    self._exchange.request_bytes += len(chunk)
+                    yield chunk
+                if not message.get("more_body", False):
+                    return
+        finally:
+            self._body_done.set()
+
+    async def watch(self, on_gone: Callable[[], None]) -> None:
+        await self._body_done.wait()
+        while not self.gone:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._lost()
+        on_gone()
+
+    def _lost(self) -> None:
+        self.gone = True
+        # Once the last body message is handed to the server, ASGI servers answer
+        # ``receive`` with ``http.disconnect``: that is the end of the exchange, not a
+        # client hanging up.
+        if not self.response_complete:
+            self._exchange.disconnected(Side.CLIENT)
+
+
+class Proxy:
+    """The ASGI application that serves every proxied path."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstreams: Callable[[], UpstreamSet],
+        observer: ExchangeObserver,
+    ) -> None:
+        self._settings = settings
+        self._router = Router(settings.routes)
+        self._upstreams = upstreams
+        self._observer = observer
+        self._via = settings.server.name.encode()
+        self._trusted = settings.server.trusted_proxies
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        host = next((v.decode("latin-1") for n, v in headers if n == b"host"), None)
+        route = self._router.match(host, scope["path"])
+        exchange = Exchange(
+            method=scope["method"],
+            route=route.label if route else None,
+            upstream=route.upstream if route else None,
+        )
+        self._observer.started(exchange)
+        try:
+            if route is None:
+                await self._send_error(send, exchange, Reason.NO_ROUTE, None)
+                return
+            upstream = self._upstreams()[route.upstream]
+            channel = ClientChannel(receive, exchange)
+            with anyio.CancelScope() as scope_cs:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(channel.watch, scope_cs.cancel)
+                    await self._forward(scope, route, upstream, channel, send, exchange)
+                    tg.cancel_scope.cancel()
+            if exchange.disconnect_side is Side.CLIENT and exchange.status is None:
+                exchange.status = CLIENT_CLOSED_REQUEST
+        finally:
+            exchange.mark_done()
+            self._observer.finished(exchange)
+
+    def _build_request(
+        self, scope: Scope, route: RouteConfig, upstream: Upstream, channel: ClientChannel
+    ) -> httpx.Request:
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        client = scope.get("client")
+        host = next((v for n, v in raw_headers if n == b"host"), None)
+        ctx = RequestContext(
+            peer=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            http_version=scope.get("http_version", "1.1"),
+            host=host,
+        )
+        out_headers = upstream_request_headers(
+            raw_headers,
+            ctx,
+            upstream_authority=upstream.authority,
+            preserve_host=upstream.config.preserve_host,
+            via_name=self._via,
+            trusted=self._trusted,
+        )
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        raw_path = raw_path.split(b"?", 1)[0]
+        target = upstream.base_path + rewrite_path(route, raw_path)
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        url = upstream.base_url.copy_with(raw_path=target)
+        content: AsyncIterator[bytes] | None = None
+        if has_body(raw_headers):
+            content = channel.body()
+        else:
+            channel.no_body()
+        return upstream.client.build_request(
+            scope["method"], url, headers=out_headers, content=content
+        )
+
+    async def _forward(
+        self,
+        scope: Scope,
+        route: RouteConfig,
+        upstream: Upstream,
+        channel: ClientChannel,
+        send: Send,
+        exchange: Exchange,
+    ) -> None:
+        try:
+            request = self._build_request(scope, route, upstream, channel)
+            response = await upstream.client.send(request, stream=True)
+        except ClientDisconnected:
+            return
+        except httpx.HTTPError as exc:
+            await self._upstream_failed(send, exchange, exc, upstream.name)
+            return
+        except Exception:
+            log.exception("unexpected failure forwarding to %s", upstream.name)
+            await self._send_error(send, exchange, Reason.INTERNAL, upstream.name)
+            return
+        try:
+            exchange.status = response.status_code
+            exchange.mark_headers()
+            self._observer.headers(exchange)
+            version = scope.get("http_version", "1.1")
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": downstream_response_headers(
+                        response.headers.raw, http_version=version, via_name=self._via
+                    ),
+                }
+            )
+            exchange.response_started = True
+            async for chunk in response.aiter_raw():
+                exchange.response_bytes += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            channel.response_complete = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as exc:
+            # Headers are gone already: returning without the final body message makes the
+            # server drop the connection, so the client sees a truncated response, never a
+            # complete-looking one.
+            self._record_failure(exchange, exc)
+        except ClientDisconnected:
+            return
+        except Exception:
+            exchange.reason = Reason.INTERNAL
+            log.exception("unexpected failure streaming from %s", upstream.name)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    def _record_failure(self, exchange: Exchange, exc: BaseException) -> Reason:
+        reason = classify(exc)
+        exchange.reason = reason
+        if reason is Reason.RESET:
+            exchange.disconnected(Side.UPSTREAM)
+        return reason
+
+    async def _upstream_failed(
+        self, send: Send, exchange: Exchange, exc: BaseException, upstream: str
+    ) -> None:
+        reason = self._record_failure(exchange, exc)
+        log.debug("upstream %s failed before headers: %s (%r)", upstream, reason, exc)
+        await self._send_error(send, exchange, reason, upstream)
+
+    async def _send_error(
+        self, send: Send, exchange: Exchange, reason: Reason, upstream: str | None
+    ) -> None:
+        failure = FAILURES[reason]
+        exchange.reason = exchange.reason or reason
+        exchange.status = failure.status
+        phrase = HTTPStatus(failure.status).phrase
+        body = f"{failure.status} {phrase}: {failure.text}\n".encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"proxy-status", proxy_status(self._settings.server.name, reason, upstream).encode()),
+            (b"cache-control", b"no-store"),
+            (b"date", formatdate(usegmt=True).encode()),
+        ]
+        if reason is Reason.POOL_TIMEOUT:
+            retry_after = str(self._settings.server.retry_after_seconds).encode()
+            headers.append((b"retry-after", retry_after))
+        start: Message = {
+            "type": "http.response.start",
+            "status": failure.status,
+            "headers": headers,
+        }
+        await send(start)
+        exchange.response_started = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,60 @@
+"""Route matching: optional Host, then the longest path prefix on a segment boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import RouteConfig
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    if prefix == "/":
+        return True
+    stem = prefix.rstrip("/")
+    return path == stem or path.startswith(stem + "/")
+
+
+class Router:
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        # An exact Host beats a wildcard, which beats no Host; within one, the longest
+        # prefix wins. Ties keep config order (sorted() is stable).
+        def key(route: RouteConfig) -> tuple[int, int]:
+            host_rank = 0 if route.host is None else (1 if route.host.startswith("*.") else 2)
+            return (-host_rank, -len(route.prefix))
+
+        self._routes = sorted(routes, key=key)
+
+    def match(self, host: str | None, path: str) -> RouteConfig | None:
+        bare_host = _bare_host(host)
+        for route in self._routes:
+            if route.host is not None and (
+                bare_host is None or not _host_matches(route.host.lower(), bare_host)
+            ):
+                continue
+            if _prefix_matches(route.prefix, path):
+                return route
+        return None
+
+
+def _bare_host(host: str | None) -> str | None:
+    if not host:
+        return None
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def rewrite_path(route: RouteConfig, raw_path: bytes) -> bytes:
+    """The path sent upstream (still percent-encoded exactly as the client sent it)."""
+    if not route.strip_prefix or route.prefix == "/":
+        return raw_path
+    stem = route.prefix.rstrip("/").encode()
+    rest = raw_path[len(stem) :] if raw_path.startswith(stem) else raw_path
+    return rest if rest.startswith(b"/") else b"/" + rest

@@ -1,0 +1,124 @@
+"""Serving: the proxy, admin and (optional) demo listeners in one event loop, and the drain.
+
+On SIGTERM (or SIGINT): readiness flips to not-ready at once; the proxy keeps accepting for
+``drain_delay_seconds`` so load balancers notice; then it stops accepting, lets in-flight
+exchanges (long streams included) finish for up to ``grace_period_seconds``, cancels what is
+left, and closes the upstream pools. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from .app import Relay
+from .config import Settings
+from .demo import create_demo_app
+
+log = logging.getLogger("relay.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: the drain sequence owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        # The proxy builds X-Forwarded-* itself from the real peer and its trusted list.
+        proxy_headers=False,
+        # Responses carry the upstream's own Date; proxy errors add theirs.
+        date_header=False,
+        loop="none",
+        **extra,
+    )
+
+
+class Service:
+    def __init__(self, settings: Settings, relay: Relay | None = None) -> None:
+        self.settings = settings
+        self.relay = relay or Relay(settings)
+        server = settings.server
+        self.proxy_server = _Server(
+            _uvicorn_config(
+                self.relay.proxy_app,
+                server.host,
+                server.port,
+                lifespan="on",
+                backlog=server.backlog,
+                timeout_graceful_shutdown=server.grace_period_seconds,
+                http="httptools",
+            )
+        )
+        self.admin_server = _Server(
+            _uvicorn_config(
+                self.relay.admin_app, server.admin_host, server.admin_port, lifespan="off"
+            )
+        )
+        self.demo_server: _Server | None = None
+        if settings.demo.enabled:
+            self.demo_server = _Server(
+                _uvicorn_config(
+                    create_demo_app(), settings.demo.host, settings.demo.port, lifespan="off"
+                )
+            )
+        self._draining: asyncio.Task[None] | None = None
+
+    def request_shutdown(self) -> None:
+        if self._draining is None:
+            self._draining = asyncio.get_running_loop().create_task(self._drain())
+        else:
+            log.warning("second shutdown signal: skipping the remaining grace period")
+            self.proxy_server.force_exit = True
+            self.proxy_server.should_exit = True
+
+    async def _drain(self) -> None:
+        delay = self.settings.server.drain_delay_seconds
+        self.relay.health.draining = True
+        log.info("draining: not ready; closing the proxy listener in %.1fs", delay)
+        await asyncio.sleep(delay)
+        self.proxy_server.should_exit = True
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown)
+        background = [asyncio.create_task(self.admin_server.serve())]
+        if self.demo_server is not None:
+            background.append(asyncio.create_task(self.demo_server.serve()))
+        try:
+            await self.proxy_server.serve()
+        finally:
+            self.relay.health.ready = False
+            for server in (self.admin_server, self.demo_server):
+                if server is not None:
+                    server.should_exit = True
+            await asyncio.gather(*background, return_exceptions=True)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        if not self.proxy_server.started:
+            raise SystemExit(3)
+
+
+def run(settings: Settings) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(Service(settings).serve())
+    else:
+        uvloop.run(Service(settings).serve())

@@ -1,0 +1,188 @@
+"""An ``httpx`` transport backed by an aiohttp connection pool.
+
+Why not the stock httpcore pool or ``httpx-aiohttp`` (measured in ``bench/transports.py``,
+figures in the README): httpcore's pool is several times slower under concurrency
+(encode/httpx#3215), and httpx-aiohttp 0.2 maps a reset connection to ``ConnectTimeout``,
+re-quotes request paths, lets aiohttp add its own default headers and cannot tell a pool
+timeout from a connect timeout. This module keeps the user-facing ``httpx.AsyncClient`` and
+puts aiohttp's pool behind it with exact error mapping and byte-exact requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import httpx
+from yarl import URL
+
+from .errors import StaleConnectionError
+
+# aiohttp adds these when absent; a proxy must send only what the client sent.
+_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class AttemptInfo:
+    """Per-attempt facts a transport reports back to the retry policy."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+ATTEMPT_EXTENSION = "relay.attempt"
+
+
+def attempt_of(request: httpx.Request) -> AttemptInfo:
+    info = request.extensions.get(ATTEMPT_EXTENSION)
+    if not isinstance(info, AttemptInfo):
+        info = AttemptInfo()
+        request.extensions[ATTEMPT_EXTENSION] = info
+    return info
+
+
+async def _on_reuse(session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object) -> None:
+    info = ctx.trace_request_ctx
+    if isinstance(info, AttemptInfo):
+        info.reused = True
+
+
+def _map_error(exc: BaseException, *, got_headers: bool, reused: bool) -> httpx.TransportError:
+    """Translate an aiohttp failure to the httpx exception httpcore would have raised."""
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return httpx.ConnectTimeout(message)
+    if isinstance(exc, aiohttp.SocketTimeoutError | asyncio.TimeoutError):
+        return httpx.ReadTimeout(message)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(message)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        if not got_headers and reused:
+            return StaleConnectionError(message)
+        return httpx.ReadError(message)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        cause = exc.__cause__
+        if isinstance(cause, aiohttp.http_exceptions.TransferEncodingError):
+            return httpx.RemoteProtocolError(message)
+        return httpx.ReadError(message)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(message)
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return httpx.ReadError(message)
+    return httpx.TransportError(message)
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _map_error(exc, got_headers=True, reused=False) from exc
+
+    async def aclose(self) -> None:
+        # release() returns a fully read connection to the pool and closes a partly read
+        # one, so an abandoned body can never be handed to the next request.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    def __init__(self, *, limits: httpx.Limits, verify: bool = True) -> None:
+        self._limits = limits
+        self._ssl: ssl.SSLContext | bool = (
+            httpx.create_ssl_context(verify=True) if verify else False
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._limits.max_connections or 0,
+            limit_per_host=0,
+            keepalive_timeout=self._limits.keepalive_expiry,
+            ssl=self._ssl,
+        )
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_on_reuse)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_AUTO_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=None),
+            trust_env=False,
+            trace_configs=[trace],
+        )
+        # aiohttp would silently retry any failed idempotent request once, including on a
+        # fresh connection and uncounted; the proxy's own policy retries only the stale
+        # keep-alive race, and counts it.
+        session._retry_connection = False
+        return session
+
+    async def __aenter__(self) -> AiohttpTransport:
+        # Open the session inside the running loop (the app's lifespan), not lazily on the
+        # first request, so a misconfigured upstream fails at start and not under load.
+        if self._session is None:
+            self._session = self._open()
+        return self
+
+    def idle_connections(self) -> int:
+        if self._session is None:
+            return 0
+        connector = self._session.connector
+        conns = getattr(connector, "_conns", {})
+        return sum(len(items) for items in conns.values())
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._session is None:
+            self._session = self._open()
+        info = attempt_of(request)
+        timeouts: dict[str, Any] = request.extensions.get("timeout", {})
+        connect = timeouts.get("connect")
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect, sock_connect=connect, sock_read=timeouts.get("read")
+        )
+        headers = [(k, v) for k, v in request.headers.multi_items() if k != "transfer-encoding"]
+        data: Any = None
+        if not isinstance(request.stream, httpx.ByteStream):
+            data = request.stream
+        elif request.content:
+            data = request.content
+        try:
+            response = await self._session.request(
+                request.method,
+                URL(str(request.url), encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                compress=None,
+                timeout=timeout,
+                trace_request_ctx=info,
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _map_error(exc, got_headers=False, reused=info.reused) from exc
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=_ResponseStream(response),
+            request=request,
+            extensions={
+                "http_version": b"HTTP/1.1",
+                "reason_phrase": (response.reason or "").encode("latin-1", "replace"),
+            },
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

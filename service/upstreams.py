@@ -1,0 +1,264 @@
+"""One pooled ``httpx.AsyncClient`` per upstream, with an admission gate in front of the pool.
+
+The gate holds one slot per connection the upstream may use (``max_connections``). A request
+takes a slot before it reaches the transport and gives it back when its response is closed,
+so the transport's own pool never has waiters. That gives exact numbers for the pool
+snapshot (in use, waiting, wait time), one cancellation-safe place for pool timeouts, and
+makes the httpcore pool-slot leak on cancelled waiters (encode/httpcore#1093) unreachable.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+import httpx
+
+from .config import UpstreamConfig
+from .errors import StaleConnectionError
+from .transport import AiohttpTransport, attempt_of
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class PoolObserver(Protocol):
+    def pool_wait(self, upstream: str, seconds: float) -> None: ...
+    def pool_timeout(self, upstream: str) -> None: ...
+    def retry(self, upstream: str, method: str) -> None: ...
+
+
+class _NullObserver:
+    def pool_wait(self, upstream: str, seconds: float) -> None:
+        pass
+
+    def pool_timeout(self, upstream: str) -> None:
+        pass
+
+    def retry(self, upstream: str, method: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    upstream: str
+    in_use: int
+    idle: int
+    max: int
+    waiting: int
+
+
+class _Inner(Protocol):
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response: ...
+    async def __aenter__(self) -> object: ...
+    async def aclose(self) -> None: ...
+    def idle_connections(self) -> int: ...
+
+
+class HttpcoreTransport(httpx.AsyncHTTPTransport):
+    """httpx's default transport, plus what the gate and retry policy need from it."""
+
+    def idle_connections(self) -> int:
+        return sum(1 for c in self._pool.connections if c.is_idle())
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        info = attempt_of(request)
+        info.reused = True
+
+        async def trace(event: str, _: Mapping[str, object]) -> None:
+            if event.startswith("connection.connect_tcp."):
+                info.reused = False
+
+        request.extensions["trace"] = trace
+        try:
+            return await super().handle_async_request(request)
+        except httpx.RemoteProtocolError as exc:
+            if info.reused and "without sending a response" in str(exc):
+                raise StaleConnectionError(str(exc)) from exc
+            raise
+
+
+class _GatedStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._inner.aclose()
+        finally:
+            self._release()
+
+
+@dataclass
+class _Gate:
+    limiter: anyio.CapacityLimiter
+    waiting: int = 0
+    holders: set[object] = field(default_factory=set)
+
+
+class GatedTransport(httpx.AsyncBaseTransport):
+    """Admission gate + stale keep-alive retry around an inner transport."""
+
+    def __init__(
+        self,
+        name: str,
+        inner: _Inner,
+        *,
+        max_connections: int,
+        pool_timeout: float | None,
+        observer: PoolObserver,
+    ) -> None:
+        self.name = name
+        self.inner = inner
+        self._gate = _Gate(anyio.CapacityLimiter(max_connections))
+        self._pool_timeout = pool_timeout
+        self._observer = observer
+
+    def snapshot(self) -> PoolSnapshot:
+        gate = self._gate
+        return PoolSnapshot(
+            upstream=self.name,
+            in_use=len(gate.holders),
+            idle=self.inner.idle_connections(),
+            max=int(gate.limiter.total_tokens),
+            waiting=gate.waiting,
+        )
+
+    async def _acquire(self, token: object) -> None:
+        gate = self._gate
+        started = time.perf_counter()
+        gate.waiting += 1
+        try:
+            with anyio.fail_after(self._pool_timeout):
+                await gate.limiter.acquire_on_behalf_of(token)
+        except TimeoutError:
+            self._observer.pool_timeout(self.name)
+            raise httpx.PoolTimeout(f"no connection to {self.name} free in time") from None
+        finally:
+            gate.waiting -= 1
+            self._observer.pool_wait(self.name, time.perf_counter() - started)
+        gate.holders.add(token)
+
+    def _releaser(self, token: object) -> Callable[[], None]:
+        def release() -> None:
+            if token in self._gate.holders:
+                self._gate.holders.discard(token)
+                self._gate.limiter.release_on_behalf_of(token)
+
+        return release
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        token = object()
+        release = self._releaser(token)
+        await self._acquire(token)
+        try:
+            response = await self._send_with_retry(request)
+        except BaseException:
+            release()
+            raise
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _GatedStream(response.stream, release)
+        return response
+
+    async def _send_with_retry(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.inner.handle_async_request(request)
+        except StaleConnectionError:
+            # Only the keep-alive race is retried, only once, and only when nothing can
+            # have been applied twice: an idempotent method with no body to replay.
+            replayable = isinstance(request.stream, httpx.ByteStream) and not request.content
+            if request.method not in IDEMPOTENT_METHODS or not replayable:
+                raise
+            self._observer.retry(self.name, request.method)
+            return await self.inner.handle_async_request(request)
+
+    async def __aenter__(self) -> GatedTransport:
+        await self.inner.__aenter__()
+        return self
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _blocking_cookie_jar() -> http.cookiejar.CookieJar:
+    # Set-Cookie from one client's response must never be replayed to another client.
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
+class Upstream:
+    """A named upstream: its config, its one client and its pool gate."""
+
+    def __init__(self, name: str, config: UpstreamConfig, observer: PoolObserver) -> None:
+        self.name = name
+        self.config = config
+        url = httpx.URL(str(config.url))
+        self.base_url = url
+        self.base_path = url.raw_path.split(b"?", 1)[0].rstrip(b"/")
+        self.authority: bytes = url.netloc
+        limits = httpx.Limits(
+            max_connections=config.pool.max_connections,
+            max_keepalive_connections=config.pool.max_keepalive_connections,
+            keepalive_expiry=config.pool.keepalive_expiry_seconds,
+        )
+        inner: _Inner
+        if config.transport == "aiohttp":
+            inner = AiohttpTransport(limits=limits, verify=config.verify_tls)
+        else:
+            inner = HttpcoreTransport(limits=limits, verify=config.verify_tls, trust_env=False)
+        self.transport = GatedTransport(
+            name,
+            inner,
+            max_connections=config.pool.max_connections,
+            pool_timeout=config.timeouts.pool,
+            observer=observer,
+        )
+        t = config.timeouts
+        self.client = httpx.AsyncClient(
+            transport=self.transport,
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
+            follow_redirects=False,
+            trust_env=False,
+            cookies=_blocking_cookie_jar(),
+        )
+        # httpx's defaults (User-Agent, Accept, Accept-Encoding, Connection) would be
+        # merged into every proxied request.
+        self.client.headers.clear()
+
+    def snapshot(self) -> PoolSnapshot:
+        return self.transport.snapshot()
+
+
+class UpstreamSet:
+    """All upstream clients, opened together in the lifespan and closed together."""
+
+    def __init__(
+        self, configs: Mapping[str, UpstreamConfig], observer: PoolObserver | None = None
+    ) -> None:
+        obs = observer or _NullObserver()
+        self._upstreams = {name: Upstream(name, cfg, obs) for name, cfg in configs.items()}
+
+    def __getitem__(self, name: str) -> Upstream:
+        return self._upstreams[name]
+
+    def values(self) -> list[Upstream]:
+        return list(self._upstreams.values())
+
+    def snapshots(self) -> list[PoolSnapshot]:
+        return [u.snapshot() for u in self._upstreams.values()]
+
+    async def open(self) -> None:
+        for upstream in self._upstreams.values():
+            await upstream.client.__aenter__()
+
+    async def close(self) -> None:
+        for upstream in self._upstreams.values():
+            await upstream.client.aclose()
