@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         print(settings.model_dump_json(indent=2))
         return
     configure(settings.log)
-    from .server import run
+    from .workers import run
 
     run(settings)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 from starlette.routing import Mount
 
@@ -12,8 +13,11 @@ from .admin import Health, create_admin_app
 from .config import Settings
 from .exchange import Exchange, ExchangeObserver
 from .logs import AccessLogObserver
+from .metrics import ExemplarSource, Metrics
 from .proxy import Proxy
-from .upstreams import PoolObserver, UpstreamSet
+from .upstreams import PoolSnapshot, UpstreamSet
+
+POOL_SAMPLE_SECONDS = 1.0
 
 
 class Observers:
@@ -43,19 +47,22 @@ class Relay:
         settings: Settings,
         *,
         observers: Sequence[ExchangeObserver] = (),
-        pool_observer: PoolObserver | None = None,
+        exemplar: ExemplarSource | None = None,
     ) -> None:
         self.settings = settings
         self.health = Health()
-        self._pool_observer = pool_observer
         self._upstreams: UpstreamSet | None = None
-        observer = Observers([AccessLogObserver(), *observers])
+        self.metrics = Metrics(self._snapshots, exemplar=exemplar)
+        observer = Observers([AccessLogObserver(), self.metrics, *observers])
         self.proxy = Proxy(settings, self.upstreams, observer)
         self.proxy_app = FastAPI(
             lifespan=self._lifespan, openapi_url=None, docs_url=None, redoc_url=None
         )
         self.proxy_app.router.routes.append(Mount("/", app=self.proxy))
-        self.admin_app = create_admin_app(self.health)
+        self.admin_app = create_admin_app(self.health, self.metrics.render)
+
+    def _snapshots(self) -> list[PoolSnapshot]:
+        return self._upstreams.snapshots() if self._upstreams is not None else []
 
     def upstreams(self) -> UpstreamSet:
         if self._upstreams is None:
@@ -64,13 +71,23 @@ class Relay:
 
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        upstreams = UpstreamSet(self.settings.upstreams, self._pool_observer)
+        upstreams = UpstreamSet(self.settings.upstreams, self.metrics)
         await upstreams.open()
         self._upstreams = upstreams
         self.health.ready = True
         try:
-            yield
+            async with anyio.create_task_group() as tg:
+                if self.metrics.multiprocess:
+                    tg.start_soon(self._sample_pools)
+                yield
+                tg.cancel_scope.cancel()
         finally:
             self.health.ready = False
             await upstreams.close()
             self._upstreams = None
+            self.metrics.sample_pools()
+
+    async def _sample_pools(self) -> None:
+        while True:
+            self.metrics.sample_pools()
+            await anyio.sleep(POOL_SAMPLE_SECONDS)

@@ -103,6 +103,7 @@ class ServerConfig(_Strict):
     grace_period_seconds: Annotated[float, Field(ge=0)] = 30.0
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     backlog: Annotated[int, Field(ge=1)] = 2048
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     retry_after_seconds: Annotated[int, Field(ge=0)] = 1
 
 

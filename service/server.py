@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -47,6 +49,19 @@ def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Con
         loop="none",
         **extra,
     )
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """Sockets bound once by a supervisor and shared by its workers (None: bind here)."""
+
+    proxy: socket.socket | None
+    admin: socket.socket | None
+    demo: socket.socket | None
+
+
+def _one(sock: socket.socket | None) -> list[socket.socket] | None:
+    return [sock] if sock is not None else None
 
 
 class Service:
@@ -94,15 +109,16 @@ class Service:
         await asyncio.sleep(delay)
         self.proxy_server.should_exit = True
 
-    async def serve(self) -> None:
+    async def serve(self, sockets: Listeners | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown)
-        background = [asyncio.create_task(self.admin_server.serve())]
+        bound = sockets or Listeners(None, None, None)
+        background = [asyncio.create_task(self.admin_server.serve(_one(bound.admin)))]
         if self.demo_server is not None:
-            background.append(asyncio.create_task(self.demo_server.serve()))
+            background.append(asyncio.create_task(self.demo_server.serve(_one(bound.demo))))
         try:
-            await self.proxy_server.serve()
+            await self.proxy_server.serve(_one(bound.proxy))
         finally:
             self.relay.health.ready = False
             for server in (self.admin_server, self.demo_server):
@@ -115,10 +131,8 @@ class Service:
             raise SystemExit(3)
 
 
-def run(settings: Settings) -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(Service(settings).serve())
-    else:
-        uvloop.run(Service(settings).serve())
+def serve_forever(settings: Settings, sockets: Listeners | None = None) -> None:
+    """Run one worker's event loop until it has drained."""
+    import uvloop
+
+    uvloop.run(Service(settings).serve(sockets))

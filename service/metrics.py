@@ -1,0 +1,251 @@
+"""Prometheus metrics: per-upstream traffic, latency, pool saturation, disconnects, errors.
+
+Every label value comes from the config (upstream and route names) or from a closed set
+(method, status code, side, phase, reason), so cardinality is bounded by the config and
+never by traffic. Label names avoid the target labels Prometheus attaches itself
+(``service``, ``namespace``, ``pod``, ``instance``, ``job``).
+
+Single process: metrics live in a private registry and pool gauges are read from the pool
+gates at scrape time. Several workers: prometheus-client multiprocess mode (directory in
+``PROMETHEUS_MULTIPROC_DIR``); pool gauges become live gauges refreshed by a sampler, and
+exemplars are not available (the multiprocess files do not store them).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .exchange import Exchange
+from .upstreams import PoolSnapshot
+
+PREFIX = "relay"
+NO_UPSTREAM = "-"  # label value for requests that matched no route
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+# 1 ms to 60 s: the range between a cached upstream answer and a proxy read timeout.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+POOL_WAIT_BUCKETS = (
+    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+ExemplarSource = Callable[[], dict[str, str] | None]
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def fold_method(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+class _PoolCollector(Collector):
+    """Reads the pool gates at scrape time (single-process mode)."""
+
+    def __init__(self, snapshots: Callable[[], Iterable[PoolSnapshot]]) -> None:
+        self._snapshots = snapshots
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        connections, max_conns, waiting = _pool_families()
+        for snap in self._snapshots():
+            connections.add_metric([snap.upstream, "in_use"], snap.in_use)
+            connections.add_metric([snap.upstream, "idle"], snap.idle)
+            max_conns.add_metric([snap.upstream], snap.max)
+            waiting.add_metric([snap.upstream], snap.waiting)
+        yield from (connections, max_conns, waiting)
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from _pool_families()
+
+
+_POOL_HELP = {
+    "connections": "Upstream pool connections by state (in_use includes ones being opened).",
+    "max_connections": "Configured maximum connections of the upstream pool.",
+    "waiting_requests": "Requests waiting for a free upstream connection.",
+}
+
+
+def _pool_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(
+            f"{PREFIX}_pool_connections", _POOL_HELP["connections"], labels=["upstream", "state"]
+        ),
+        GaugeMetricFamily(
+            f"{PREFIX}_pool_max_connections", _POOL_HELP["max_connections"], labels=["upstream"]
+        ),
+        GaugeMetricFamily(
+            f"{PREFIX}_pool_waiting_requests", _POOL_HELP["waiting_requests"], labels=["upstream"]
+        ),
+    )
+
+
+class Metrics:
+    """All metric objects of one process, plus the exposition of the admin ``/metrics``."""
+
+    def __init__(
+        self,
+        snapshots: Callable[[], Iterable[PoolSnapshot]] = tuple,
+        exemplar: ExemplarSource | None = None,
+    ) -> None:
+        # ``*_created`` series double the series count and no dashboard or alert uses them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.multiprocess = multiprocess_dir() is not None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._exemplar = exemplar if not self.multiprocess else None
+        reg = self.registry
+        up = ["upstream"]
+        self.requests = Counter(
+            f"{PREFIX}_requests", "Proxied requests, by upstream, route, method and status code.",
+            ["upstream", "route", "method", "code"], registry=reg,
+        )  # fmt: skip
+        self.duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from request start to the last response byte sent (includes the streamed body).",
+            ["upstream", "route"], buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.headers_latency = Histogram(
+            f"{PREFIX}_upstream_response_headers_seconds",
+            "Time from request start until the upstream's response headers arrived.",
+            ["upstream", "route"], buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Requests being proxied right now.", up,
+            registry=reg, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.disconnects = Counter(
+            f"{PREFIX}_disconnects",
+            "Connections lost mid-exchange, by side (client|upstream) and phase "
+            "(before_headers|body).",
+            ["upstream", "side", "phase"], registry=reg,
+        )  # fmt: skip
+        self.errors = Counter(
+            f"{PREFIX}_upstream_errors", "Upstream failures, by bounded reason.",
+            ["upstream", "reason"], registry=reg,
+        )  # fmt: skip
+        self.retries = Counter(
+            f"{PREFIX}_upstream_retries",
+            "Requests retried after a reused keep-alive connection was closed by the upstream.",
+            up, registry=reg,
+        )  # fmt: skip
+        self.pool_wait_seconds = Histogram(
+            f"{PREFIX}_pool_wait_seconds", "Time requests waited for a free upstream connection.",
+            up, buckets=POOL_WAIT_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self.pool_timeouts = Counter(
+            f"{PREFIX}_pool_timeouts", "Requests that found no free upstream connection in time.",
+            up, registry=reg,
+        )  # fmt: skip
+        self.request_bytes = Counter(
+            f"{PREFIX}_request_body_bytes", "Request body bytes forwarded upstream.", up,
+            registry=reg,
+        )  # fmt: skip
+        self.response_bytes = Counter(
+            f"{PREFIX}_response_body_bytes", "Response body bytes sent to clients.", up,
+            registry=reg,
+        )  # fmt: skip
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info", "Build information; the value is always 1.",
+            ["version", "python_version"], registry=reg, multiprocess_mode="max",
+        )  # fmt: skip
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self._snapshots = snapshots
+        if self.multiprocess:
+            self._pool_connections = Gauge(
+                f"{PREFIX}_pool_connections", _POOL_HELP["connections"], ["upstream", "state"],
+                registry=reg, multiprocess_mode="livesum",
+            )  # fmt: skip
+            self._pool_max = Gauge(
+                f"{PREFIX}_pool_max_connections", _POOL_HELP["max_connections"], up,
+                registry=reg, multiprocess_mode="livesum",
+            )  # fmt: skip
+            self._pool_waiting = Gauge(
+                f"{PREFIX}_pool_waiting_requests", _POOL_HELP["waiting_requests"], up,
+                registry=reg, multiprocess_mode="livesum",
+            )  # fmt: skip
+        else:
+            reg.register(_PoolCollector(lambda: self._snapshots()))
+
+    # -- pool observer (called from the pool gate) --------------------------------------
+    def pool_wait(self, upstream: str, seconds: float) -> None:
+        self.pool_wait_seconds.labels(upstream).observe(seconds)
+
+    def pool_timeout(self, upstream: str) -> None:
+        self.pool_timeouts.labels(upstream).inc()
+
+    def retry(self, upstream: str, method: str) -> None:
+        self.retries.labels(upstream).inc()
+
+    def sample_pools(self) -> None:
+        """Copy pool snapshots into live gauges (multiprocess mode's periodic sampler)."""
+        if not self.multiprocess:
+            return
+        for snap in self._snapshots():
+            self._pool_connections.labels(snap.upstream, "in_use").set(snap.in_use)
+            self._pool_connections.labels(snap.upstream, "idle").set(snap.idle)
+            self._pool_max.labels(snap.upstream).set(snap.max)
+            self._pool_waiting.labels(snap.upstream).set(snap.waiting)
+
+    # -- exchange observer (called by the proxy) ------------------------------------------
+    def started(self, exchange: Exchange) -> None:
+        if exchange.upstream is not None:
+            self.in_flight.labels(exchange.upstream).inc()
+
+    def headers(self, exchange: Exchange) -> None:
+        if exchange.upstream is not None and exchange.headers_seconds is not None:
+            self.headers_latency.labels(exchange.upstream, exchange.route or NO_UPSTREAM).observe(
+                exchange.headers_seconds, exemplar=self._exemplar_now()
+            )
+
+    def finished(self, exchange: Exchange) -> None:
+        upstream = exchange.upstream or NO_UPSTREAM
+        route = exchange.route or NO_UPSTREAM
+        code = str(exchange.status) if exchange.status is not None else "0"
+        self.requests.labels(upstream, route, fold_method(exchange.method), code).inc()
+        if exchange.upstream is None:
+            return
+        self.in_flight.labels(upstream).dec()
+        if exchange.total_seconds is not None:
+            self.duration.labels(upstream, route).observe(
+                exchange.total_seconds, exemplar=self._exemplar_now()
+            )
+        if exchange.disconnect_side is not None and exchange.disconnect_phase is not None:
+            self.disconnects.labels(
+                upstream, exchange.disconnect_side.value, exchange.disconnect_phase.value
+            ).inc()
+        if exchange.reason is not None:
+            self.errors.labels(upstream, exchange.reason.value).inc()
+        if exchange.request_bytes:
+            self.request_bytes.labels(upstream).inc(exchange.request_bytes)
+        if exchange.response_bytes:
+            self.response_bytes.labels(upstream).inc(exchange.response_bytes)
+
+    def _exemplar_now(self) -> dict[str, str] | None:
+        return self._exemplar() if self._exemplar is not None else None
+
+    # -- exposition --------------------------------------------------------------------------
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """Encode for the scraper: OpenMetrics (with exemplars) when it asks for it."""
+        encoder, content_type = choose_encoder(accept or "")
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return encoder(registry), content_type
+        return encoder(self.registry), content_type
