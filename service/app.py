@@ -13,8 +13,9 @@ from .admin import Health, create_admin_app
 from .config import Settings
 from .exchange import Exchange, ExchangeObserver
 from .logs import AccessLogObserver
-from .metrics import ExemplarSource, Metrics
+from .metrics import Metrics
 from .proxy import Proxy
+from .tracing import Tracing, TracingObserver, current_exemplar
 from .upstreams import PoolSnapshot, UpstreamSet
 
 POOL_SAMPLE_SECONDS = 1.0
@@ -47,18 +48,23 @@ class Relay:
         settings: Settings,
         *,
         observers: Sequence[ExchangeObserver] = (),
-        exemplar: ExemplarSource | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.health = Health()
+        self.tracing = tracing
         self._upstreams: UpstreamSet | None = None
-        self.metrics = Metrics(self._snapshots, exemplar=exemplar)
-        observer = Observers([AccessLogObserver(), self.metrics, *observers])
-        self.proxy = Proxy(settings, self.upstreams, observer)
+        self.metrics = Metrics(self._snapshots, exemplar=current_exemplar if tracing else None)
+        chain: list[ExchangeObserver] = [AccessLogObserver(), self.metrics, *observers]
+        if tracing is not None:
+            chain.append(TracingObserver())
+        self.proxy = Proxy(settings, self.upstreams, Observers(chain))
         self.proxy_app = FastAPI(
             lifespan=self._lifespan, openapi_url=None, docs_url=None, redoc_url=None
         )
         self.proxy_app.router.routes.append(Mount("/", app=self.proxy))
+        if tracing is not None:
+            tracing.instrument_app(self.proxy_app)
         self.admin_app = create_admin_app(self.health, self.metrics.render)
 
     def _snapshots(self) -> list[PoolSnapshot]:
@@ -71,7 +77,8 @@ class Relay:
 
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        upstreams = UpstreamSet(self.settings.upstreams, self.metrics)
+        wrap = self.tracing.wrap_transport if self.tracing is not None else None
+        upstreams = UpstreamSet(self.settings.upstreams, self.metrics, wrap)
         await upstreams.open()
         self._upstreams = upstreams
         self.health.ready = True
@@ -86,6 +93,9 @@ class Relay:
             await upstreams.close()
             self._upstreams = None
             self.metrics.sample_pools()
+            if self.tracing is not None:
+                # Flushes queued spans; bounded by the exporter's own timeout.
+                await anyio.to_thread.run_sync(self.tracing.shutdown)
 
     async def _sample_pools(self) -> None:
         while True:

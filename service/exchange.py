@@ -29,6 +29,8 @@ class Exchange:
     method: str
     route: str | None
     upstream: str | None
+    path: str = ""
+    route_prefix: str | None = None
     started: float = field(default_factory=time.perf_counter)
     status: int | None = None
     reason: Reason | None = None

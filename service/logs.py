@@ -10,6 +10,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from .config import LogConfig
 from .exchange import Exchange
+from .tracing import TraceContextFilter
 
 access_log = logging.getLogger("relay.access")
 
@@ -35,6 +36,7 @@ class _DropColorMessage(logging.Filter):
 def configure(config: LogConfig) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(_DropColorMessage())
+    handler.addFilter(TraceContextFilter())
     if config.format == "json":
         handler.setFormatter(
             JsonFormatter(
@@ -52,8 +54,10 @@ def configure(config: LogConfig) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    # The proxy writes its own access line with upstream, durations and outcome.
+    # The proxy writes its own access line with upstream, durations and outcome; httpx's
+    # per-request INFO line would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     install_abort_filter()
     access_log.disabled = not config.access_log
 
@@ -70,6 +74,7 @@ def access_fields(exchange: Exchange) -> dict[str, Any]:
 
     return {
         "method": exchange.method,
+        "path": exchange.path,
         "route": exchange.route,
         "upstream": exchange.upstream,
         "status": exchange.status,

@@ -116,6 +116,8 @@ class Proxy:
             method=scope["method"],
             route=route.label if route else None,
             upstream=route.upstream if route else None,
+            path=scope["path"],
+            route_prefix=route.prefix if route else None,
         )
         self._observer.started(exchange)
         try:

@@ -13,7 +13,7 @@ import http.cookiejar
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import anyio
 import httpx
@@ -22,6 +22,7 @@ from .config import UpstreamConfig
 from .errors import StaleConnectionError
 from .transport import AiohttpTransport, attempt_of
 
+TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -116,9 +117,15 @@ class GatedTransport(httpx.AsyncBaseTransport):
         max_connections: int,
         pool_timeout: float | None,
         observer: PoolObserver,
+        wrap: TransportWrapper | None = None,
     ) -> None:
         self.name = name
         self.inner = inner
+        # Requests go through the wrapper (tracing: one client span per attempt); the bare
+        # inner transport is kept for pool statistics and its lifecycle.
+        self._send: _Inner | httpx.AsyncBaseTransport = inner
+        if wrap is not None:
+            self._send = wrap(name, cast(httpx.AsyncBaseTransport, inner))
         self._gate = _Gate(anyio.CapacityLimiter(max_connections))
         self._pool_timeout = pool_timeout
         self._observer = observer
@@ -171,7 +178,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
 
     async def _send_with_retry(self, request: httpx.Request) -> httpx.Response:
         try:
-            return await self.inner.handle_async_request(request)
+            return await self._send.handle_async_request(request)
         except StaleConnectionError:
             # Only the keep-alive race is retried, only once, and only when nothing can
             # have been applied twice: an idempotent method with no body to replay.
@@ -179,7 +186,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
             if request.method not in IDEMPOTENT_METHODS or not replayable:
                 raise
             self._observer.retry(self.name, request.method)
-            return await self.inner.handle_async_request(request)
+            return await self._send.handle_async_request(request)
 
     async def __aenter__(self) -> GatedTransport:
         await self.inner.__aenter__()
@@ -197,7 +204,13 @@ def _blocking_cookie_jar() -> http.cookiejar.CookieJar:
 class Upstream:
     """A named upstream: its config, its one client and its pool gate."""
 
-    def __init__(self, name: str, config: UpstreamConfig, observer: PoolObserver) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        observer: PoolObserver,
+        wrap: TransportWrapper | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         url = httpx.URL(str(config.url))
@@ -220,6 +233,7 @@ class Upstream:
             max_connections=config.pool.max_connections,
             pool_timeout=config.timeouts.pool,
             observer=observer,
+            wrap=wrap,
         )
         t = config.timeouts
         self.client = httpx.AsyncClient(
@@ -241,10 +255,13 @@ class UpstreamSet:
     """All upstream clients, opened together in the lifespan and closed together."""
 
     def __init__(
-        self, configs: Mapping[str, UpstreamConfig], observer: PoolObserver | None = None
+        self,
+        configs: Mapping[str, UpstreamConfig],
+        observer: PoolObserver | None = None,
+        wrap: TransportWrapper | None = None,
     ) -> None:
         obs = observer or _NullObserver()
-        self._upstreams = {name: Upstream(name, cfg, obs) for name, cfg in configs.items()}
+        self._upstreams = {name: Upstream(name, cfg, obs, wrap) for name, cfg in configs.items()}
 
     def __getitem__(self, name: str) -> Upstream:
         return self._upstreams[name]
