@@ -22,6 +22,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -182,6 +184,11 @@ class Metrics:
             )  # fmt: skip
         else:
             reg.register(_PoolCollector(lambda: self._snapshots()))
+            # process_* (CPU, memory, fds, start time) for the process health dashboard. In
+            # multiprocess mode they would describe whichever worker answered the scrape,
+            # so there the container's own metrics are the source.
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
 
     # -- pool observer (called from the pool gate) --------------------------------------
     def pool_wait(self, upstream: str, seconds: float) -> None:
