@@ -77,6 +77,60 @@ def _map_error(exc: BaseException, *, got_headers: bool, reused: bool) -> httpx.
     return httpx.TransportError(message)
 
 
+class _WriteWatch:
+    """A write timeout for request bodies, which aiohttp does not have.
+
+    aiohttp's writer pulls each body chunk and writes it before pulling the next, so the
+    time from handing a chunk over until the next pull is the time that write took. A
+    timer armed at each hand-over cancels the waiting request if the upstream stops reading;
+    the cancellation is then turned into ``httpx.WriteTimeout``. It is only live while the
+    request waits for response headers, so it can never cancel anything else.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self.live = True
+        self.fired = False
+
+    def arm(self) -> None:
+        if self.live and self._timer is None:
+            self._timer = self._loop.call_later(self._timeout, self._fire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def stop(self) -> None:
+        self.live = False
+        self.disarm()
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self.live and self._task is not None:
+            self.fired = True
+            self._task.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: True when it was ours alone (raise WriteTimeout)."""
+        if not self.fired or self._task is None:
+            return False
+        return self._task.uncancel() == 0
+
+
+async def _watched(stream: httpx.AsyncByteStream, watch: _WriteWatch) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            watch.arm()
+            yield chunk
+            watch.disarm()
+    finally:
+        watch.disarm()
+
+
 class _ResponseStream(httpx.AsyncByteStream):
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
@@ -154,8 +208,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         )
         headers = [(k, v) for k, v in request.headers.multi_items() if k != "transfer-encoding"]
         data: Any = None
+        watch: _WriteWatch | None = None
         if not isinstance(request.stream, httpx.ByteStream):
-            data = request.stream
+            assert isinstance(request.stream, httpx.AsyncByteStream)
+            write_timeout = timeouts.get("write")
+            if write_timeout is not None:
+                watch = _WriteWatch(write_timeout)
+                data = _watched(request.stream, watch)
+            else:
+                data = request.stream
         elif request.content:
             data = request.content
         try:
@@ -169,8 +230,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 timeout=timeout,
                 trace_request_ctx=info,
             )
+        except asyncio.CancelledError:
+            if watch is not None and watch.absorb():
+                raise httpx.WriteTimeout("upstream stopped reading the request body") from None
+            raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _map_error(exc, got_headers=False, reused=info.reused) from exc
+        finally:
+            if watch is not None:
+                watch.stop()
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
