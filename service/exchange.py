@@ -41,6 +41,7 @@ class Exchange:
     request_bytes: int = 0
     response_bytes: int = 0
     response_started: bool = False
+    response_complete: bool = False
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started
@@ -49,7 +50,10 @@ class Exchange:
         self.total_seconds = time.perf_counter() - self.started
 
     def disconnected(self, side: Side) -> None:
-        if self.disconnect_side is None:
+        # Once the last body message is handed to the server, ASGI servers answer
+        # ``receive`` with ``http.disconnect``: that is the end of the exchange, not a
+        # client hanging up.
+        if self.disconnect_side is None and not self.response_complete:
             self.disconnect_side = side
             self.disconnect_phase = Phase.BODY if self.response_started else Phase.BEFORE_HEADERS
 

@@ -49,7 +49,6 @@ class ClientChannel:
         self._receive = receive
         self._exchange = exchange
         self.gone = False
-        self.response_complete = False
         self._body_done = anyio.Event()
 
     def no_body(self) -> None:
@@ -81,11 +80,7 @@ class ClientChannel:
 
     def _lost(self) -> None:
         self.gone = True
-        # Once the last body message is handed to the server, ASGI servers answer
-        # ``receive`` with ``http.disconnect``: that is the end of the exchange, not a
-        # client hanging up.
-        if not self.response_complete:
-            self._exchange.disconnected(Side.CLIENT)
+        self._exchange.disconnected(Side.CLIENT)
 
 
 class Proxy:
@@ -211,7 +206,7 @@ class Proxy:
             async for chunk in response.aiter_raw():
                 exchange.response_bytes += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            channel.response_complete = True
+            exchange.response_complete = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except httpx.HTTPError as exc:
             # Headers are gone already: returning without the final body message makes the
@@ -266,4 +261,5 @@ class Proxy:
         }
         await send(start)
         exchange.response_started = True
+        exchange.response_complete = True
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -22,6 +22,7 @@ import uvicorn
 from .app import Relay
 from .config import Settings
 from .demo import create_demo_app
+from .logs import install_abort_filter
 from .tracing import Tracing
 
 log = logging.getLogger("relay.server")
@@ -67,6 +68,7 @@ def _one(sock: socket.socket | None) -> list[socket.socket] | None:
 
 class Service:
     def __init__(self, settings: Settings, relay: Relay | None = None) -> None:
+        install_abort_filter()
         self.settings = settings
         self.relay = relay or Relay(settings, tracing=Tracing.from_env())
         server = settings.server

@@ -1,0 +1,236 @@
+"""Real servers for tests: the proxy in-process on ephemeral ports, and scripted upstreams.
+
+The scripted upstream speaks HTTP/1.1 by hand over asyncio streams so that it can misbehave
+exactly on cue (stall, reset mid-body, never answer) and report what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.app import Relay
+from service.config import Settings
+from service.server import Listeners, Service
+from service.tracing import Tracing
+
+
+def bind_local() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+def closed_port() -> int:
+    """A loopback port with nothing listening (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningRelay:
+    url: str
+    admin_url: str
+    relay: Relay
+    service: Service
+
+
+@asynccontextmanager
+async def run_relay(
+    config: dict[str, Any], *, tracing: Tracing | None = None
+) -> AsyncIterator[RunningRelay]:
+    server = {"drain_delay_seconds": 0, "grace_period_seconds": 2, **config.get("server", {})}
+    settings = Settings(**{**config, "server": server})
+    proxy_sock, admin_sock = bind_local(), bind_local()
+    relay = Relay(settings, tracing=tracing)
+    service = Service(settings, relay)
+    task = asyncio.create_task(service.serve(Listeners(proxy_sock, admin_sock, None)))
+    try:
+        for _ in range(500):
+            if relay.health.ready or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        assert relay.health.ready, "relay did not become ready"
+        yield RunningRelay(
+            url=f"http://127.0.0.1:{port_of(proxy_sock)}",
+            admin_url=f"http://127.0.0.1:{port_of(admin_sock)}",
+            relay=relay,
+            service=service,
+        )
+    finally:
+        service.request_shutdown()
+        await asyncio.wait_for(task, 15)
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+Writer = asyncio.StreamWriter
+Handler = Callable[[Request, Writer], Awaitable[None]]
+
+
+@dataclass
+class ScriptedUpstream:
+    """HTTP/1.1 upstream whose behaviour per path is a coroutine given the raw writer."""
+
+    handlers: dict[str, Handler]
+    port: int = 0
+    seen: list[Request] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    closed_connections: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> Request | None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        body = b""
+        if "content-length" in headers:
+            body = await reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+                chunk = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                body += chunk[:-2]
+        return Request(method, path, headers, body)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: Writer) -> None:
+        try:
+            while True:
+                try:
+                    request = await self._read_request(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if request is None:
+                    return
+                self.seen.append(request)
+                self.arrived.set()
+                handler = self.handlers.get(request.path.split("?")[0], not_found)
+                await handler(request, writer)
+                if writer.is_closing():
+                    return
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self.closed_connections += 1
+            writer.close()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[ScriptedUpstream]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield self
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+def respond(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Handler:
+    async def handler(request: Request, writer: Writer) -> None:
+        head = f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n"
+        for name, value in (headers or {}).items():
+            head += f"{name}: {value}\r\n"
+        writer.write(head.encode() + b"\r\n" + body)
+        await writer.drain()
+
+    return handler
+
+
+not_found = respond(404, b"not found")
+
+
+async def echo(request: Request, writer: Writer) -> None:
+    await respond(200, request.body)(request, writer)
+
+
+def delayed(seconds: float, then: Handler) -> Handler:
+    async def handler(request: Request, writer: Writer) -> None:
+        await asyncio.sleep(seconds)
+        await then(request, writer)
+
+    return handler
+
+
+async def hang(request: Request, writer: Writer) -> None:
+    """Never answer; return when the proxy gives up on the connection."""
+    for _ in range(600):
+        if writer.transport.is_closing():
+            break
+        await asyncio.sleep(0.05)
+    writer.close()
+
+
+async def endless_stream(request: Request, writer: Writer) -> None:
+    """Chunked body, a chunk every 20 ms, for up to 30 s (until the peer goes away)."""
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    for _ in range(1500):
+        writer.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+
+
+async def reset_mid_body(request: Request, writer: Writer) -> None:
+    """Promise 100000 bytes, send 10, then reset the connection."""
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"y" * 10)
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        # SO_LINGER 0: close() sends RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.transport.abort()
+
+
+async def raw_request(
+    url: str, path: str, *, read_bytes: int = 0, hang_up_when: Callable[[], bool] | None = None
+) -> None:
+    """Send a GET over a raw socket, read ``read_bytes`` of the response (or wait until
+    ``hang_up_when()``), then hang up."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {path} HTTP/1.1\r\nhost: test\r\n\r\n".encode())
+    await writer.drain()
+    if read_bytes:
+        await reader.readexactly(read_bytes)
+    if hang_up_when is not None:
+        await eventually(hang_up_when)
+    writer.transport.abort()
+
+
+async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)

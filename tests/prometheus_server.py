@@ -1,0 +1,112 @@
+"""A real Prometheus server for tests: started on 127.0.0.1 with temp storage, then stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as response:
+            payload = json.loads(response.read())
+        assert payload["status"] == "success", payload
+        return payload["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("/api/v1/query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def wait_for(self, expr: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Poll an instant query until it returns at least one sample."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.query(expr)
+            if result:
+                return result
+            time.sleep(0.5)
+        raise AssertionError(f"{expr!r} returned nothing within {timeout}s")
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise AssertionError(f"{binary} not found: install the Debian 'prometheus' package")
+    return path
+
+
+@contextmanager
+def prometheus(
+    targets: Sequence[str],
+    *,
+    job: str = "relay",
+    scrape_interval: str = "1s",
+    rule_files: Sequence[Path] = (),
+    extra_args: Sequence[str] = (),
+) -> Iterator[Prometheus]:
+    binary = require("prometheus")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+            "rule_files": [str(p) for p in rule_files],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+        }
+        config_path = Path(tmp, "prometheus.yml")
+        config_path.write_text(yaml.safe_dump(config))
+        port = free_port()
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={tmp}/data",
+                f"--web.listen-address=127.0.0.1:{port}",
+                *extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(tmp, "prometheus.log"), "wb"),  # noqa: SIM115
+        )
+        server = Prometheus(f"http://127.0.0.1:{port}")
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log = Path(tmp, "prometheus.log").read_text(errors="replace")
+                    raise AssertionError(f"prometheus did not start:\n{log[-2000:]}")
+                time.sleep(0.1)
+            yield server
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,242 @@
+"""Metrics against ground truth: a scripted mix through the real proxy, counted exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import (
+    RunningRelay,
+    ScriptedUpstream,
+    closed_port,
+    delayed,
+    echo,
+    endless_stream,
+    eventually,
+    hang,
+    raw_request,
+    reset_mid_body,
+    respond,
+    run_relay,
+)
+
+N_OK, N_MISSING, N_SLOW, N_CONNECT, N_HANG, N_STREAM, N_RESET, N_ECHO = 7, 5, 2, 3, 2, 3, 2, 4
+ECHO_SIZE = 1000
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(
+    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in metrics.items() if n == name and wanted <= ls)
+
+
+@pytest.fixture
+async def mix() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
+    upstream = ScriptedUpstream(
+        {
+            "/ok": respond(200, b"ok"),
+            "/missing": respond(404, b"nope"),
+            "/slow": delayed(2.0, respond(200, b"late")),
+            "/hang": hang,
+            "/stream": endless_stream,
+            "/reset": reset_mid_body,
+        }
+    )
+    exact = ScriptedUpstream({"/echo": echo, "/ok": respond(200, b"ok")})
+    async with upstream.running(), exact.running():
+        config: dict[str, Any] = {
+            "upstreams": {
+                "a": {"url": upstream.url, "timeouts": {"read": 0.3}},
+                "dead": {"url": f"http://127.0.0.1:{closed_port()}"},
+                "exact": {"url": exact.url},
+            },
+            "routes": [
+                {"prefix": "/dead", "upstream": "dead", "strip_prefix": True},
+                {"prefix": "/exact", "upstream": "exact", "strip_prefix": True},
+                {"prefix": "/", "upstream": "a"},
+            ],
+        }
+        async with run_relay(config) as running:
+            yield running, upstream
+
+
+async def scrape(running: RunningRelay) -> str:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"{running.admin_url}/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+async def drive_mix(running: RunningRelay, upstream: ScriptedUpstream) -> None:
+    async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+        for _ in range(N_OK):
+            assert (await client.get("/ok")).status_code == 200
+        for _ in range(N_MISSING):
+            assert (await client.get("/missing")).status_code == 404
+        for _ in range(N_SLOW):
+            assert (await client.get("/slow")).status_code == 504
+        for _ in range(N_CONNECT):
+            assert (await client.get("/dead/x")).status_code == 502
+        for _ in range(N_ECHO):
+            response = await client.post("/exact/echo", content=b"e" * ECHO_SIZE)
+            assert response.content == b"e" * ECHO_SIZE
+        for _ in range(N_RESET):
+            with pytest.raises(httpx.HTTPError):
+                await client.get("/reset")
+    for _ in range(N_HANG):
+        seen = len(upstream.seen)
+        await raw_request(
+            running.url, "/hang", hang_up_when=lambda seen=seen: len(upstream.seen) > seen
+        )
+    for _ in range(N_STREAM):
+        await raw_request(running.url, "/stream", read_bytes=2000)
+
+
+async def test_counters_match_ground_truth(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
+    running, upstream = mix
+    await drive_mix(running, upstream)
+    total_a = N_OK + N_MISSING + N_SLOW + N_HANG + N_STREAM + N_RESET
+
+    def settled() -> bool:
+        return all(s.in_use == 0 and s.waiting == 0 for s in running.relay.upstreams().snapshots())
+
+    await eventually(settled)
+
+    async def finished() -> bool:
+        m = samples(await scrape(running))
+        return value(m, "relay_requests_total", upstream="a") == total_a
+
+    for _ in range(100):
+        if await finished():
+            break
+        await asyncio.sleep(0.05)
+    m = samples(await scrape(running))
+
+    assert value(m, "relay_requests_total", upstream="a", code="200") == N_OK + N_STREAM + N_RESET
+    assert value(m, "relay_requests_total", upstream="a", code="404") == N_MISSING
+    assert value(m, "relay_requests_total", upstream="a", code="504") == N_SLOW
+    assert value(m, "relay_requests_total", upstream="a", code="499") == N_HANG
+    assert value(m, "relay_requests_total", upstream="dead", code="502") == N_CONNECT
+    assert value(m, "relay_requests_total", upstream="exact") == N_ECHO
+    assert value(m, "relay_requests_total", method="GET") == total_a + N_CONNECT
+
+    assert value(m, "relay_upstream_errors_total", upstream="a", reason="read_timeout") == N_SLOW
+    assert value(m, "relay_upstream_errors_total", upstream="a", reason="reset") == N_RESET
+    assert value(m, "relay_upstream_errors_total", upstream="dead", reason="connect") == N_CONNECT
+    assert value(m, "relay_upstream_errors_total") == N_SLOW + N_RESET + N_CONNECT
+
+    disc = "relay_disconnects_total"
+    assert value(m, disc, upstream="a", side="client", phase="before_headers") == N_HANG
+    assert value(m, disc, upstream="a", side="client", phase="body") == N_STREAM
+    assert value(m, disc, upstream="a", side="upstream", phase="body") == N_RESET
+    assert value(m, disc) == N_HANG + N_STREAM + N_RESET
+
+    hist = "relay_request_duration_seconds_count"
+    assert value(m, hist, upstream="a") == total_a
+    assert value(m, hist, upstream="dead") == N_CONNECT
+    headers = "relay_upstream_response_headers_seconds_count"
+    assert value(m, headers, upstream="a") == N_OK + N_MISSING + N_STREAM + N_RESET
+    assert value(m, "relay_pool_wait_seconds_count", upstream="exact") == N_ECHO
+
+    assert value(m, "relay_request_body_bytes_total", upstream="exact") == N_ECHO * ECHO_SIZE
+    assert value(m, "relay_response_body_bytes_total", upstream="exact") == N_ECHO * ECHO_SIZE
+
+    assert value(m, "relay_pool_connections", upstream="a", state="in_use") == 0
+    assert value(m, "relay_pool_waiting_requests", upstream="a") == 0
+    assert value(m, "relay_pool_max_connections", upstream="a") == 100
+    assert value(m, "relay_requests_in_flight") == 0
+    assert value(m, "relay_pool_timeouts_total") == 0
+    assert value(m, "relay_build_info") == 1
+
+
+async def test_pool_timeout_and_saturation_counted() -> None:
+    upstream = ScriptedUpstream({"/slow": delayed(1.0, respond(200, b"ok"))})
+    async with upstream.running():
+        config = {
+            "upstreams": {
+                "a": {
+                    "url": upstream.url,
+                    "pool": {"max_connections": 1, "max_keepalive_connections": 1},
+                    "timeouts": {"pool": 0.2},
+                }
+            },
+            "routes": [{"prefix": "/", "upstream": "a"}],
+        }
+        async with run_relay(config) as running, httpx.AsyncClient(timeout=5) as client:
+            first = asyncio.create_task(client.get(f"{running.url}/slow"))
+            await eventually(lambda: running.relay.upstreams()["a"].snapshot().in_use == 1)
+            m = samples(await scrape(running))
+            assert value(m, "relay_pool_connections", upstream="a", state="in_use") == 1
+            second = asyncio.create_task(client.get(f"{running.url}/slow"))
+            await eventually(lambda: running.relay.upstreams()["a"].snapshot().waiting == 1)
+            m = samples(await scrape(running))
+            assert value(m, "relay_pool_waiting_requests", upstream="a") == 1
+            assert (await second).status_code == 503
+            assert (await first).status_code == 200
+            m = samples(await scrape(running))
+            assert value(m, "relay_pool_timeouts_total", upstream="a") == 1
+            assert value(m, "relay_upstream_errors_total", upstream="a", reason="pool_timeout") == 1
+            assert value(m, "relay_requests_total", upstream="a", code="503") == 1
+            assert value(m, "relay_pool_wait_seconds_bucket", upstream="a", le="0.1") == 1
+            assert value(m, "relay_pool_connections", upstream="a", state="idle") == 1
+
+
+async def test_unknown_methods_are_folded(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
+    running, _ = mix
+    async with httpx.AsyncClient(base_url=running.url) as client:
+        await client.request("PROPFIND", "/ok")
+        await client.request("PURGE", "/ok")
+    m = samples(await scrape(running))
+    assert value(m, "relay_requests_total", method="other") == 2
+    assert not any("PROPFIND" in str(labels) for (_, labels) in m)
+
+
+async def test_openmetrics_when_asked(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
+    running, _ = mix
+    async with httpx.AsyncClient() as client:
+        plain = await client.get(f"{running.admin_url}/metrics")
+        om = await client.get(
+            f"{running.admin_url}/metrics", headers={"accept": "application/openmetrics-text"}
+        )
+        slash = await client.get(f"{running.admin_url}/metrics/")
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    assert om.text.rstrip().endswith("# EOF")
+    assert slash.status_code == 404  # exact route, no redirect
+
+
+async def test_promtool_accepts_exposition(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
+    running, upstream = mix
+    await drive_mix(running, upstream)
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: install the Debian 'prometheus' package"
+    text = await scrape(running)
+    process = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(text.encode()), 30)
+    assert process.returncode == 0, output.decode()
+    # promtool prints some lint problems without failing: demand none.
+    assert output.decode().strip() == "", output.decode()
