@@ -7,11 +7,20 @@ exactly on cue (stall, reset mid-body, never answer) and report what it saw.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import httpx
+import yaml
 
 from service.app import Relay
 from service.config import Settings
@@ -234,3 +243,76 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RelayProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    admin_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_http(url: str, within: float = 20.0, status: int = 200) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == status:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} did not answer {status} within {within}s")
+
+
+@contextmanager
+def spawn_relay(
+    config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None
+) -> Iterator[RelayProcess]:
+    """``python -m service --config FILE`` as a real process on free loopback ports."""
+    port, admin_port = free_port(), free_port()
+    server = {
+        "host": "127.0.0.1",
+        "admin_host": "127.0.0.1",
+        "port": port,
+        "admin_port": admin_port,
+        **config.get("server", {}),
+    }
+    config_path = tmp_path / "relay.yaml"
+    config_path.write_text(yaml.safe_dump({**config, "server": server}))
+    log_path = tmp_path / "relay.log"
+    full_env = {**os.environ, **(env or {})}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+        )
+    running = RelayProcess(
+        process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path
+    )
+    try:
+        try:
+            wait_http(f"{running.admin_url}/readyz")
+        except AssertionError:
+            raise AssertionError(f"relay did not start:\n{running.log()}") from None
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,133 @@
+"""Metrics as Prometheus sees them: a real server scraping a real proxy process, several
+workers aggregated through multiprocess mode, and exemplars linking latency to traces."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from tests.harness import free_port, spawn_relay, wait_http
+from tests.otlp_receiver import otlp_receiver
+from tests.prometheus_server import prometheus
+from tests.test_metrics import samples, value
+
+
+def demo_config(**server: Any) -> dict[str, Any]:
+    demo_port = free_port()
+    return {
+        "server": {"drain_delay_seconds": 0, "grace_period_seconds": 2, **server},
+        "log": {"access_log": False},
+        "demo": {"enabled": True, "host": "127.0.0.1", "port": demo_port},
+        "upstreams": {"demo": {"url": f"http://127.0.0.1:{demo_port}"}},
+        "routes": [{"prefix": "/", "upstream": "demo"}],
+    }
+
+
+def scrape(admin_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return samples(httpx.get(f"{admin_url}/metrics", timeout=5).text)
+
+
+def test_two_workers_sum_counters_and_drop_dead_workers_gauges(tmp_path: Path) -> None:
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    with spawn_relay(demo_config(workers=2), tmp_path, env) as relay:
+        supervisor = psutil.Process(relay.process.pid)
+        workers = worker_processes(supervisor)
+        assert len(workers) == 2, workers
+        served_by: set[str] = set()
+        for _ in range(40):
+            # A new connection per request, so the kernel spreads them over both workers.
+            with httpx.Client(base_url=relay.url) as client:
+                assert client.get("/").status_code == 200
+        m = scrape(relay.admin_url)
+        assert value(m, "relay_requests_total", upstream="demo", code="200") == 40
+        assert value(m, "relay_request_duration_seconds_count", upstream="demo") == 40
+        assert value(m, "relay_pool_max_connections", upstream="demo") == 200  # 2 x 100
+        files = os.listdir(tmp_path / "prom")
+        pids = {int(name.rsplit("_", 1)[1].split(".")[0]) for name in files if "_" in name}
+        served_by = {str(p) for p in pids}
+        assert {str(w.pid) for w in workers} <= served_by, (files, workers)
+
+        # Park requests in both workers, then kill both: their live gauges must go.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            parked = [pool.submit(_get_quietly, f"{relay.url}/delay/30") for _ in range(8)]
+            deadline = time.monotonic() + 10
+            while value(scrape(relay.admin_url), "relay_requests_in_flight") < 8:
+                assert time.monotonic() < deadline, "requests never became in-flight"
+                time.sleep(0.05)
+            for worker in workers:
+                worker.send_signal(signal.SIGKILL)
+            for future in parked:
+                future.result(timeout=15)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                m = scrape(relay.admin_url)
+                fresh = [p for p in worker_processes(supervisor) if p not in workers]
+                if len(fresh) >= 2 and value(m, "relay_requests_in_flight") == 0:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "in-flight gauge of dead workers was kept"
+            time.sleep(0.1)
+        wait_http(f"{relay.admin_url}/readyz")
+        # Counters of the dead workers are history and stay.
+        assert value(m, "relay_requests_total", upstream="demo", code="200") == 40
+
+
+def worker_processes(supervisor: psutil.Process) -> list[psutil.Process]:
+    # multiprocessing's spawn also starts a resource tracker; workers run spawn_main.
+    return [p for p in supervisor.children() if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def _get_quietly(url: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.get(url, timeout=20)
+
+
+def test_prometheus_scrapes_quantiles_and_exemplars(tmp_path: Path) -> None:
+    with otlp_receiver() as (endpoint, receiver):
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_SERVICE_NAME": "relay-test",
+        }
+        with spawn_relay(demo_config(), tmp_path, env) as relay:
+            admin = relay.admin_url.removeprefix("http://")
+            with prometheus([admin], extra_args=["--enable-feature=exemplar-storage"]) as prom:
+                prom.wait_for('up{job="relay"} == 1')
+                deadline = time.monotonic() + 60
+                quantile = (
+                    "histogram_quantile(0.99, sum by (le, upstream) "
+                    '(rate(relay_request_duration_seconds_bucket{upstream="demo"}[30s])))'
+                )
+                result: list[dict[str, Any]] = []
+                while not result and time.monotonic() < deadline:
+                    with httpx.Client(base_url=relay.url) as client:
+                        for _ in range(20):
+                            assert client.get("/").status_code == 200
+                    time.sleep(0.5)
+                    result = [r for r in prom.query(quantile) if r["value"][1] != "NaN"]
+                assert result, "no quantile from the scraped histogram"
+                p99 = float(result[0]["value"][1])
+                assert 0 < p99 <= 1.0, p99
+                now = time.time()
+                exemplars = prom.api(
+                    "/api/v1/query_exemplars",
+                    query='relay_request_duration_seconds_bucket{upstream="demo"}',
+                    start=str(now - 300),
+                    end=str(now + 60),
+                )
+                trace_ids = {
+                    e["labels"]["trace_id"] for series in exemplars for e in series["exemplars"]
+                }
+                assert trace_ids, exemplars
+        spans = receiver.wait_for(lambda s: any(x.trace_id in trace_ids for x in s))
+        assert any(span.trace_id in trace_ids for span in spans)
