@@ -35,6 +35,10 @@ class Observers:
         for observer in self._observers:
             observer.headers(exchange)
 
+    def failing(self, exchange: Exchange) -> None:
+        for observer in self._observers:
+            observer.failing(exchange)
+
     def finished(self, exchange: Exchange) -> None:
         for observer in self._observers:
             observer.finished(exchange)

@@ -96,6 +96,9 @@ class AccessLogObserver:
     def headers(self, exchange: Exchange) -> None:
         pass
 
+    def failing(self, exchange: Exchange) -> None:
+        pass
+
     def finished(self, exchange: Exchange) -> None:
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("request", extra=access_fields(exchange))

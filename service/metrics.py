@@ -221,6 +221,9 @@ class Metrics:
                 exchange.headers_seconds, exemplar=self._exemplar_now()
             )
 
+    def failing(self, exchange: Exchange) -> None:
+        pass
+
     def finished(self, exchange: Exchange) -> None:
         upstream = exchange.upstream or NO_UPSTREAM
         route = exchange.route or NO_UPSTREAM

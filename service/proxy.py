@@ -242,6 +242,7 @@ class Proxy:
         failure = FAILURES[reason]
         exchange.reason = exchange.reason or reason
         exchange.status = failure.status
+        self._observer.failing(exchange)
         phrase = HTTPStatus(failure.status).phrase
         body = f"{failure.status} {phrase}: {failure.text}\n".encode()
         headers = [

@@ -137,7 +137,22 @@ class TracingObserver:
     def headers(self, exchange: Exchange) -> None:
         pass
 
+    def __init__(self) -> None:
+        self._recorded: set[int] = set()
+
+    def failing(self, exchange: Exchange) -> None:
+        # The server span ends with the last body message, so a proxy error response is
+        # recorded before it is sent.
+        self._record(exchange)
+        self._recorded.add(id(exchange))
+
     def finished(self, exchange: Exchange) -> None:
+        if id(exchange) in self._recorded:
+            self._recorded.discard(id(exchange))
+            return
+        self._record(exchange)
+
+    def _record(self, exchange: Exchange) -> None:
         span = trace.get_current_span()
         if not span.is_recording():
             return

@@ -1,0 +1,244 @@
+"""Tracing: span shape in memory, and the real OTLP wire with logs and exemplars agreeing."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from service.tracing import Tracing, exporter_from_env
+from tests.harness import (
+    Request,
+    RunningRelay,
+    ScriptedUpstream,
+    Writer,
+    closed_port,
+    endless_stream,
+    eventually,
+    raw_request,
+    respond,
+    run_relay,
+    spawn_relay,
+)
+from tests.otlp_receiver import otlp_receiver
+from tests.test_metrics_live import demo_config
+
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+
+
+def stale_after_first() -> Any:
+    """Answer the first request on a connection; close the connection on the next one."""
+    served: dict[int, int] = {}
+
+    async def handler(request: Request, writer: Writer) -> None:
+        count = served.get(id(writer), 0)
+        served[id(writer)] = count + 1
+        if count >= 1:
+            writer.close()
+            return
+        await respond(200, b"ok")(request, writer)
+
+    return handler
+
+
+@pytest.fixture
+async def traced() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    upstream = ScriptedUpstream(
+        {"/ok": respond(200, b"ok"), "/stream": endless_stream, "/stale": stale_after_first()}
+    )
+    async with upstream.running():
+        config = {
+            "upstreams": {
+                "api": {"url": upstream.url},
+                "dead": {"url": f"http://127.0.0.1:{closed_port()}"},
+            },
+            "routes": [
+                {"prefix": "/dead", "upstream": "dead"},
+                {"name": "api-route", "prefix": "/", "upstream": "api"},
+            ],
+        }
+        tracing = Tracing(SimpleSpanProcessor(exporter))
+        async with run_relay(config, tracing=tracing) as running:
+            yield running, upstream, exporter
+
+
+def by_kind(spans: tuple[ReadableSpan, ...], kind: SpanKind) -> list[ReadableSpan]:
+    return [s for s in spans if s.kind is kind]
+
+
+async def test_one_server_and_one_client_span(
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+) -> None:
+    running, upstream, exporter = traced
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{running.url}/ok?x=1")).status_code == 200
+    await eventually(lambda: len(exporter.get_finished_spans()) == 2)
+    spans = exporter.get_finished_spans()
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    (client_span,) = by_kind(spans, SpanKind.CLIENT)
+    assert server.name == "GET /"
+    assert server.attributes is not None and client_span.attributes is not None
+    assert server.attributes["http.route"] == "/"
+    assert server.attributes["relay.upstream"] == "api"
+    assert server.attributes["relay.route"] == "api-route"
+    status_keys = ("http.status_code", "http.response.status_code")
+    assert any(server.attributes.get(k) == 200 for k in status_keys)
+    assert client_span.attributes["relay.upstream"] == "api"
+    assert any(client_span.attributes.get(k) == 200 for k in status_keys)
+    assert client_span.parent is not None and server.context is not None
+    assert client_span.parent.span_id == server.context.span_id
+    assert client_span.context is not None
+    assert client_span.context.trace_id == server.context.trace_id
+
+    sent = upstream.seen[-1].headers["traceparent"]
+    match = TRACEPARENT.match(sent)
+    assert match, sent
+    assert match.group(1) == format(server.context.trace_id, "032x")
+    assert match.group(2) == format(client_span.context.span_id, "016x")
+
+
+async def test_inbound_traceparent_is_continued_not_forwarded(
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+) -> None:
+    running, upstream, exporter = traced
+    inbound = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with httpx.AsyncClient() as client:
+        await client.get(f"{running.url}/ok", headers={"traceparent": inbound})
+    await eventually(lambda: len(exporter.get_finished_spans()) == 2)
+    (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    assert server.parent is not None
+    assert format(server.parent.span_id, "016x") == "b7ad6b7169203331"
+    sent = upstream.seen[-1].headers["traceparent"]
+    assert sent != inbound
+    assert sent.startswith("00-0af7651916cd43dd8448eb211c80319c-")
+
+
+async def test_retry_shows_two_client_spans(
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+) -> None:
+    running, _, exporter = traced
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{running.url}/stale")).status_code == 200
+        exporter.clear()
+        assert (await client.get(f"{running.url}/stale")).status_code == 200
+    await eventually(lambda: len(by_kind(exporter.get_finished_spans(), SpanKind.SERVER)) == 1)
+    spans = exporter.get_finished_spans()
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    attempts = by_kind(spans, SpanKind.CLIENT)
+    assert len(attempts) == 2
+    assert server.context is not None
+    assert all(
+        a.parent is not None and a.parent.span_id == server.context.span_id for a in attempts
+    )
+    assert [a.status.status_code for a in attempts] == [StatusCode.ERROR, StatusCode.UNSET]
+
+
+async def test_errors_recorded_with_reason(
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+) -> None:
+    running, _, exporter = traced
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{running.url}/dead/x")).status_code == 502
+    await eventually(lambda: len(by_kind(exporter.get_finished_spans(), SpanKind.SERVER)) == 1)
+    spans = exporter.get_finished_spans()
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    assert server.status.status_code is StatusCode.ERROR
+    assert server.attributes is not None
+    assert server.attributes["relay.reason"] == "connect"
+    assert [e.name for e in server.events] == ["proxy_error"]
+    (client_span,) = by_kind(spans, SpanKind.CLIENT)
+    assert client_span.status.status_code is StatusCode.ERROR
+
+
+async def test_client_disconnect_is_an_event(
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+) -> None:
+    running, _, exporter = traced
+    await raw_request(running.url, "/stream", read_bytes=2000)
+    await eventually(lambda: len(by_kind(exporter.get_finished_spans(), SpanKind.SERVER)) == 1)
+    (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
+    (event,) = server.events
+    assert event.name == "client_disconnect"
+    assert event.attributes is not None
+    assert event.attributes["relay.disconnect.phase"] == "body"
+
+
+async def test_admin_endpoints_are_not_traced(
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+) -> None:
+    running, _, exporter = traced
+    async with httpx.AsyncClient() as client:
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(f"{running.admin_url}{path}")).status_code == 200
+    assert exporter.get_finished_spans() == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "enabled"),
+    [
+        ({}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:4318/v1/traces"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+    ],
+)
+def test_enabled_only_by_otel_env(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], enabled: bool
+) -> None:
+    for name in (
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_SDK_DISABLED",
+        "OTEL_TRACES_EXPORTER",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, val in env.items():
+        monkeypatch.setenv(name, val)
+    assert (exporter_from_env() is not None) is enabled
+
+
+def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(tmp_path: Path) -> None:
+    with otlp_receiver() as (endpoint, receiver):
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_SERVICE_NAME": "relay-wire",
+            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        }
+        config = demo_config()
+        config["log"] = {"access_log": True, "format": "json"}
+        with spawn_relay(config, tmp_path, env) as relay:
+            seen_by_upstream = httpx.get(f"{relay.url}/headers").json()["headers"]
+            match = TRACEPARENT.match(seen_by_upstream["traceparent"])
+            assert match, seen_by_upstream
+            trace_id, parent_id = match.group(1), match.group(2)
+            metrics = httpx.get(
+                f"{relay.admin_url}/metrics", headers={"accept": "application/openmetrics-text"}
+            ).text
+            spans = receiver.wait_for(lambda s: len([x for x in s if x.trace_id == trace_id]) >= 2)
+            log_lines = [
+                json.loads(line) for line in relay.log().splitlines() if line.startswith("{")
+            ]
+        mine = [s for s in spans if s.trace_id == trace_id]
+        server = [s for s in mine if s.kind == 2]
+        client = [s for s in mine if s.kind == 3]
+        assert len(server) == 1 and len(client) == 1, mine
+        assert client[0].span_id == parent_id
+        assert client[0].parent_span_id == server[0].span_id
+        assert server[0].service_name == "relay-wire"
+        access = [line for line in log_lines if line.get("logger") == "relay.access"]
+        assert access and access[-1]["trace_id"] == trace_id
+        assert access[-1]["span_id"] == server[0].span_id
+        assert f'trace_id="{trace_id}"' in metrics
