@@ -168,7 +168,8 @@ def respond(status: int, body: bytes = b"", headers: dict[str, str] | None = Non
         head = f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n"
         for name, value in (headers or {}).items():
             head += f"{name}: {value}\r\n"
-        writer.write(head.encode() + b"\r\n" + body)
+        payload = b"" if request.method == "HEAD" else body
+        writer.write(head.encode() + b"\r\n" + payload)
         await writer.drain()
 
     return handler
@@ -316,3 +317,15 @@ def spawn_relay(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+async def raw_exchange(url: str, request: bytes, within: float = 10.0) -> bytes:
+    """Send raw request bytes on a fresh connection and read until the server closes."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), within)
+    finally:
+        writer.close()

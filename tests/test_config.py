@@ -1,0 +1,121 @@
+"""Config: validated once, errors name the field, env overrides the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError, load_settings
+
+VALID = """
+upstreams:
+  api: {url: "http://127.0.0.1:9999"}
+routes:
+  - {prefix: /, upstream: api}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_builtin_default_proxies_to_the_demo_upstream(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    settings = load_settings()
+    assert settings.demo.enabled
+    assert str(settings.upstreams["demo"].url).startswith("http://127.0.0.1:8081")
+    assert settings.routes[0].upstream == "demo"
+
+
+def test_valid_file_and_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, VALID))
+    api = settings.upstreams["api"]
+    assert api.transport == "aiohttp"
+    assert api.pool.max_connections == 100
+    assert api.timeouts.pool == 5.0
+    assert not settings.demo.enabled
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_SERVER__PORT", "18000")
+    monkeypatch.setenv("RELAY_LOG__FORMAT", "text")
+    monkeypatch.setenv("RELAY_CONFIG", str(write(tmp_path, VALID)))
+    settings = load_settings()
+    assert settings.server.port == 18000
+    assert settings.log.format == "text"
+    assert "api" in settings.upstreams
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (VALID + "bogus: 1\n", "bogus"),
+        (VALID.replace("routes:", "server: {port: 99999}\nroutes:"), "server.port"),
+        (
+            VALID.replace(
+                '{url: "http://127.0.0.1:9999"}',
+                '{url: "http://127.0.0.1:9999", timeouts: {connect: -1}}',
+            ),
+            "upstreams.api.timeouts.connect",
+        ),
+        (VALID.replace('"http://127.0.0.1:9999"', '"ftp://x"'), "upstreams.api.url"),
+        (VALID.replace("upstream: api}", "upstream: nope}"), "routes.0.upstream"),
+        (VALID.replace("prefix: /,", "prefix: nope,"), "routes.0.prefix"),
+        (VALID + "  - {prefix: /, upstream: api}\n", "routes.1"),
+        (
+            VALID.replace(
+                '{url: "http://127.0.0.1:9999"}',
+                '{url: "http://127.0.0.1:9999", pool: {max_connections: 2, '
+                "max_keepalive_connections: 5}}",
+            ),
+            "upstreams.api.pool",
+        ),
+        ("upstreams: {}\nroutes: []\n", "upstreams"),
+        ("upstreams: [\n", "invalid YAML"),
+    ],
+)
+def test_invalid_config_names_the_field(tmp_path: Path, text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, text))
+    assert field in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_cli_exits_2_naming_the_field(tmp_path: Path) -> None:
+    bad = write(tmp_path, VALID.replace("upstream: api}", "upstream: nope}"))
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "routes.0.upstream" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_check_config(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--config",
+            str(write(tmp_path, VALID)),
+            "--check-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"api"' in result.stdout
