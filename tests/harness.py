@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes
+    reader: asyncio.StreamReader | None = None
 
 
 Writer = asyncio.StreamWriter
@@ -129,7 +130,7 @@ class ScriptedUpstream:
                 if size == 0:
                     break
                 body += chunk[:-2]
-        return Request(method, path, headers, body)
+        return Request(method, path, headers, body, reader)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: Writer) -> None:
         try:
@@ -191,12 +192,26 @@ def delayed(seconds: float, then: Handler) -> Handler:
 
 
 async def hang(request: Request, writer: Writer) -> None:
-    """Never answer; return when the proxy gives up on the connection."""
-    for _ in range(600):
-        if writer.transport.is_closing():
-            break
-        await asyncio.sleep(0.05)
+    """Never answer; return when the proxy closes the connection (or after 30 s)."""
+    assert request.reader is not None
+    with suppress(TimeoutError, ConnectionError):
+        await asyncio.wait_for(request.reader.read(), 30)
     writer.close()
+
+
+def stale_after_first() -> Handler:
+    """Answer the first request on a connection; close the connection on the next one."""
+    served: dict[int, int] = {}
+
+    async def handler(request: Request, writer: Writer) -> None:
+        count = served.get(id(writer), 0)
+        served[id(writer)] = count + 1
+        if count >= 1:
+            writer.close()
+            return
+        await respond(200, b"ok")(request, writer)
+
+    return handler
 
 
 async def endless_stream(request: Request, writer: Writer) -> None:

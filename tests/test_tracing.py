@@ -6,7 +6,6 @@ import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -17,10 +16,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from service.tracing import Tracing, exporter_from_env
 from tests.harness import (
-    Request,
     RunningRelay,
     ScriptedUpstream,
-    Writer,
     closed_port,
     endless_stream,
     eventually,
@@ -28,26 +25,12 @@ from tests.harness import (
     respond,
     run_relay,
     spawn_relay,
+    stale_after_first,
 )
 from tests.otlp_receiver import otlp_receiver
 from tests.test_metrics_live import demo_config
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
-
-
-def stale_after_first() -> Any:
-    """Answer the first request on a connection; close the connection on the next one."""
-    served: dict[int, int] = {}
-
-    async def handler(request: Request, writer: Writer) -> None:
-        count = served.get(id(writer), 0)
-        served[id(writer)] = count + 1
-        if count >= 1:
-            writer.close()
-            return
-        await respond(200, b"ok")(request, writer)
-
-    return handler
 
 
 @pytest.fixture
