@@ -8,12 +8,12 @@ Starlette background tasks, which are skipped on some paths.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 
-import anyio
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
@@ -49,7 +49,7 @@ class ClientChannel:
         self._receive = receive
         self._exchange = exchange
         self.gone = False
-        self._body_done = anyio.Event()
+        self._body_done = asyncio.Event()
 
     def no_body(self) -> None:
         self._body_done.set()
@@ -121,16 +121,45 @@ class Proxy:
                 return
             upstream = self._upstreams()[route.upstream]
             channel = ClientChannel(receive, exchange)
-            with anyio.CancelScope() as scope_cs:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(channel.watch, scope_cs.cancel)
-                    await self._forward(scope, route, upstream, channel, send, exchange)
-                    tg.cancel_scope.cancel()
+            await self._exchange(scope, route, upstream, channel, send, exchange)
             if exchange.disconnect_side is Side.CLIENT and exchange.status is None:
                 exchange.status = CLIENT_CLOSED_REQUEST
         finally:
             exchange.mark_done()
             self._observer.finished(exchange)
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        route: RouteConfig,
+        upstream: Upstream,
+        channel: ClientChannel,
+        send: Send,
+        exchange: Exchange,
+    ) -> None:
+        """Forward while a watcher task waits for the client to hang up.
+
+        When it does, the watcher cancels this task; that cancellation ends the exchange
+        here and goes no further. The watcher can only fire while this task is suspended
+        inside ``_forward`` (there is no await between its return and the watcher's end).
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        cancelled_by_watcher = False
+
+        def client_gone() -> None:
+            nonlocal cancelled_by_watcher
+            cancelled_by_watcher = True
+            task.cancel()
+
+        watcher = asyncio.create_task(channel.watch(client_gone))
+        try:
+            await self._forward(scope, route, upstream, channel, send, exchange)
+        except asyncio.CancelledError:
+            if not cancelled_by_watcher or task.uncancel() > 0:
+                raise
+        finally:
+            watcher.cancel()
 
     def _build_request(
         self, scope: Scope, route: RouteConfig, upstream: Upstream, channel: ClientChannel
@@ -219,8 +248,7 @@ class Proxy:
             exchange.reason = Reason.INTERNAL
             log.exception("unexpected failure streaming from %s", upstream.name)
         finally:
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            await response.aclose()
 
     def _record_failure(self, exchange: Exchange, exc: BaseException) -> Reason:
         reason = classify(exc)

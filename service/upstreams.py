@@ -12,14 +12,14 @@ from __future__ import annotations
 import http.cookiejar
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, cast
 
-import anyio
 import httpx
 
 from .config import UpstreamConfig
 from .errors import StaleConnectionError
+from .gate import Gate, GateTimeout
 from .transport import AiohttpTransport, attempt_of
 
 TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
@@ -93,17 +93,9 @@ class _GatedStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         try:
-            with anyio.CancelScope(shield=True):
-                await self._inner.aclose()
+            await self._inner.aclose()
         finally:
             self._release()
-
-
-@dataclass
-class _Gate:
-    limiter: anyio.CapacityLimiter
-    waiting: int = 0
-    holders: set[object] = field(default_factory=set)
 
 
 class GatedTransport(httpx.AsyncBaseTransport):
@@ -126,7 +118,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
         self._send: _Inner | httpx.AsyncBaseTransport = inner
         if wrap is not None:
             self._send = wrap(name, cast(httpx.AsyncBaseTransport, inner))
-        self._gate = _Gate(anyio.CapacityLimiter(max_connections))
+        self._gate = Gate(max_connections)
         self._pool_timeout = pool_timeout
         self._observer = observer
 
@@ -134,39 +126,32 @@ class GatedTransport(httpx.AsyncBaseTransport):
         gate = self._gate
         return PoolSnapshot(
             upstream=self.name,
-            in_use=len(gate.holders),
+            in_use=gate.in_use,
             idle=self.inner.idle_connections(),
-            max=int(gate.limiter.total_tokens),
+            max=gate.capacity,
             waiting=gate.waiting,
         )
 
-    async def _acquire(self, token: object) -> None:
-        gate = self._gate
+    async def _acquire(self) -> None:
         started = time.perf_counter()
-        gate.waiting += 1
         try:
-            with anyio.fail_after(self._pool_timeout):
-                await gate.limiter.acquire_on_behalf_of(token)
-        except TimeoutError:
+            await self._gate.acquire(self._pool_timeout)
+        except GateTimeout:
             self._observer.pool_timeout(self.name)
             raise httpx.PoolTimeout(f"no connection to {self.name} free in time") from None
         finally:
-            gate.waiting -= 1
             self._observer.pool_wait(self.name, time.perf_counter() - started)
-        gate.holders.add(token)
-
-    def _releaser(self, token: object) -> Callable[[], None]:
-        def release() -> None:
-            if token in self._gate.holders:
-                self._gate.holders.discard(token)
-                self._gate.limiter.release_on_behalf_of(token)
-
-        return release
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        token = object()
-        release = self._releaser(token)
-        await self._acquire(token)
+        await self._acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._gate.release()
+
         try:
             response = await self._send_with_retry(request)
         except BaseException:
@@ -196,9 +181,19 @@ class GatedTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-def _blocking_cookie_jar() -> http.cookiejar.CookieJar:
-    # Set-Cookie from one client's response must never be replayed to another client.
-    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+class _NoCookies(http.cookiejar.CookieJar):
+    """A jar that never stores or sends anything.
+
+    Set-Cookie from one client's response must never be replayed to another client; the
+    cookies a client sends travel as its own Cookie header. Skipping the jar also skips
+    parsing every Set-Cookie on the hot path.
+    """
+
+    def extract_cookies(self, response: object, request: object) -> None:
+        pass
+
+    def add_cookie_header(self, request: object) -> None:
+        pass
 
 
 class Upstream:
@@ -241,7 +236,7 @@ class Upstream:
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
             follow_redirects=False,
             trust_env=False,
-            cookies=_blocking_cookie_jar(),
+            cookies=_NoCookies(),
         )
         # httpx's defaults (User-Agent, Accept, Accept-Encoding, Connection) would be
         # merged into every proxied request.
