@@ -111,6 +111,9 @@ class Supervisor:
 
 def run(settings: Settings) -> None:
     if settings.server.workers == 1:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Multiprocess mode was asked for explicitly: it still needs its directory.
+            prepare_metrics_dir()
         serve_forever(settings)
         return
     raise SystemExit(Supervisor(settings).run())
