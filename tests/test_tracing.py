@@ -27,7 +27,7 @@ from tests.harness import (
     spawn_relay,
     stale_after_first,
 )
-from tests.otlp_receiver import otlp_receiver
+from tests.otlp_receiver import ReceivedSpan, otlp_receiver
 from tests.test_metrics_live import demo_config
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
@@ -225,3 +225,35 @@ def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(tmp_path: Path) ->
         assert access and access[-1]["trace_id"] == trace_id
         assert access[-1]["span_id"] == server[0].span_id
         assert f'trace_id="{trace_id}"' in metrics
+
+
+def test_collector_down_never_fails_start_or_requests(tmp_path: Path) -> None:
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{closed_port()}",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+    }
+    with spawn_relay(demo_config(), tmp_path, env) as relay:
+        for _ in range(20):
+            assert httpx.get(f"{relay.url}/").status_code == 200
+        assert httpx.get(f"{relay.admin_url}/readyz").status_code == 200
+
+
+def test_every_worker_exports_its_own_spans(tmp_path: Path) -> None:
+    with otlp_receiver() as (endpoint, receiver):
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+        }
+        with spawn_relay(demo_config(workers=2), tmp_path, env) as relay:
+            sent = set()
+            for _ in range(30):
+                with httpx.Client() as client:  # new connections spread over both workers
+                    headers = client.get(f"{relay.url}/headers").json()["headers"]
+                sent.add(headers["traceparent"].split("-")[1])
+
+            def all_arrived(spans: list[ReceivedSpan]) -> bool:
+                return sent <= {s.trace_id for s in spans if s.kind == 2}
+
+            receiver.wait_for(all_arrived)
