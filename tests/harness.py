@@ -47,6 +47,27 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def unaccepting_listener() -> Iterator[int]:
+    """A port whose accept queue is full: new connections hang in SYN-SENT."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = int(server.getsockname()[1])
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+
+
 @dataclass
 class RunningRelay:
     url: str
@@ -91,6 +112,7 @@ class Request:
     headers: dict[str, str]
     body: bytes
     reader: asyncio.StreamReader | None = None
+    sequence: int = 0  # how many requests this connection carried before this one
 
 
 Writer = asyncio.StreamWriter
@@ -106,6 +128,8 @@ class ScriptedUpstream:
     seen: list[Request] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     closed_connections: int = 0
+    open_connections: int = 0
+    peak_connections: int = 0
 
     @property
     def url(self) -> str:
@@ -133,6 +157,9 @@ class ScriptedUpstream:
         return Request(method, path, headers, body, reader)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: Writer) -> None:
+        self.open_connections += 1
+        self.peak_connections = max(self.peak_connections, self.open_connections)
+        sequence = 0
         try:
             while True:
                 try:
@@ -141,6 +168,7 @@ class ScriptedUpstream:
                     return
                 if request is None:
                     return
+                request.sequence, sequence = sequence, sequence + 1
                 self.seen.append(request)
                 self.arrived.set()
                 handler = self.handlers.get(request.path.split("?")[0], not_found)
@@ -150,6 +178,7 @@ class ScriptedUpstream:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self.open_connections -= 1
             self.closed_connections += 1
             writer.close()
 
@@ -199,17 +228,38 @@ async def hang(request: Request, writer: Writer) -> None:
     writer.close()
 
 
-def stale_after_first() -> Handler:
-    """Answer the first request on a connection; close the connection on the next one."""
-    served: dict[int, int] = {}
+def stale_after_first(*, reset: bool = False) -> Handler:
+    """Answer the first request on a connection; when the next one arrives on it, close the
+    connection without answering (with a FIN, or with a RST when ``reset``)."""
 
     async def handler(request: Request, writer: Writer) -> None:
-        count = served.get(id(writer), 0)
-        served[id(writer)] = count + 1
-        if count >= 1:
-            writer.close()
+        if request.sequence >= 1:
+            if reset:
+                abort_with_reset(writer)
+            else:
+                writer.close()
             return
         await respond(200, b"ok")(request, writer)
+
+    return handler
+
+
+def abort_with_reset(writer: Writer) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        # SO_LINGER 0: close() sends RST instead of FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    writer.transport.abort()
+
+
+def send_raw(data: bytes, *, close: bool = True) -> Handler:
+    """Answer with exactly these bytes (a response that may be malformed on purpose)."""
+
+    async def handler(request: Request, writer: Writer) -> None:
+        writer.write(data)
+        await writer.drain()
+        if close:
+            writer.close()
 
     return handler
 
@@ -230,11 +280,7 @@ async def reset_mid_body(request: Request, writer: Writer) -> None:
     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"y" * 10)
     await writer.drain()
     await asyncio.sleep(0.05)
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        # SO_LINGER 0: close() sends RST instead of FIN.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    writer.transport.abort()
+    abort_with_reset(writer)
 
 
 async def raw_request(
@@ -259,6 +305,35 @@ async def eventually(check: Callable[[], bool], within: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def one_upstream(url: str, transport: str = "aiohttp", **upstream: Any) -> dict[str, Any]:
+    """A config with one upstream named ``up`` behind the route ``/``."""
+    return {
+        "upstreams": {"up": {"url": url, "transport": transport, **upstream}},
+        "routes": [{"prefix": "/", "upstream": "up"}],
+    }
+
+
+def pool_settled(relay: RunningRelay, name: str = "up") -> bool:
+    """Nothing holds or waits for a connection to this upstream."""
+    snapshot = relay.relay.upstreams()[name].snapshot()
+    return snapshot.in_use == 0 and snapshot.waiting == 0
+
+
+async def metric(relay: RunningRelay, name: str, **labels: str) -> float:
+    """The sum of the scraped samples of ``name`` whose labels include ``labels``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"{relay.admin_url}/metrics")).text
+    wanted = set(labels.items())
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and wanted <= set(sample.labels.items())
+    )
 
 
 def free_port() -> int:
@@ -301,6 +376,8 @@ def spawn_relay(
         "admin_host": "127.0.0.1",
         "port": port,
         "admin_port": admin_port,
+        # Teardown signals twice to skip the drain; two quick signals may arrive as one.
+        "drain_delay_seconds": 0,
         **config.get("server", {}),
     }
     config_path = tmp_path / "relay.yaml"

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.dashboard_queries import DASHBOARDS, load, panel_queries
 from tests.harness import (
     RunningRelay,
     ScriptedUpstream,
@@ -79,7 +80,7 @@ async def relay_under_test() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstre
             "routes": [
                 {"prefix": "/tight", "upstream": "tight", "strip_prefix": True},
                 {"prefix": "/dead", "upstream": "dead"},
-                {"prefix": "/", "upstream": "api"},
+                *({"prefix": path, "upstream": "api"} for path in upstream.handlers),
             ],
         }
         async with run_relay(config) as running:
@@ -96,6 +97,7 @@ async def drive_faults(relay: RunningRelay, upstream: ScriptedUpstream, rounds: 
             await client.get("/fail")
             await client.get("/slow")
             await client.get("/dead/x")
+            await client.get("/nowhere")  # no route
             with contextlib.suppress(httpx.HTTPError):
                 await client.get("/reset")
             await raw_request(relay.url, "/stream", read_bytes=3000)
@@ -135,7 +137,7 @@ async def firing(prom: Prometheus) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-async def test_pool_and_disconnect_alerts_fire(
+async def test_alerts_fire_and_every_dashboard_query_returns_data(
     relay_under_test: tuple[RunningRelay, ScriptedUpstream], tmp_path: Path
 ) -> None:
     relay, upstream = relay_under_test
@@ -169,3 +171,18 @@ async def test_pool_and_disconnect_alerts_fire(
         # Nothing pages for an upstream that was never called.
         assert not any(a["labels"].get("upstream") == "unused" for v in alerts.values() for a in v)
         await eventually(lambda: relay.relay.upstreams()["tight"].snapshot().in_use == 0, 10)
+
+        # Every panel of every dashboard, variables set as a user would pick them.
+        values = {
+            "job": "relay",
+            "namespace": ".*",
+            "instance": relay.admin_url[7:],
+            "upstream": "api|tight|dead",
+        }
+        empty = []
+        for path in DASHBOARDS:
+            for title, expr in panel_queries(load(path), values):
+                result = await asyncio.to_thread(prom.query, expr)
+                if not result:
+                    empty.append(f"{path.stem} / {title}: {expr}")
+        assert not empty, "panels without data:\n" + "\n".join(empty)

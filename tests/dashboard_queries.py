@@ -1,0 +1,34 @@
+"""Every query of the committed dashboards, with Grafana's variables substituted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DASHBOARDS = sorted((Path(__file__).resolve().parent.parent / "dashboards").glob("*.json"))
+
+
+def load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def substitute(expr: str, values: dict[str, str]) -> str:
+    builtins = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
+    for name, value in {**builtins, **{f"${k}": v for k, v in values.items()}}.items():
+        expr = expr.replace(name, value)
+    assert "$" not in expr, f"unsubstituted variable in {expr!r}"
+    return expr
+
+
+def panel_queries(
+    dashboard: dict[str, Any], values: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """(panel title, query) for every target; variables default to match-all."""
+    chosen = {"job": ".*", "namespace": ".*", "instance": ".*", "upstream": ".*", **(values or {})}
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            out.append((panel["title"], substitute(target["expr"], chosen)))
+    return out
