@@ -1,0 +1,45 @@
+"""Rendering the kustomize overlays once per test session."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ["base", "overlays/dev", "overlays/production"]
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    assert path, "kubectl is required (kubectl kustomize); CI installs it"
+    return path
+
+
+@functools.cache
+def rendered_text(target: str) -> str:
+    return subprocess.run(
+        [kubectl(), "kustomize", str(ROOT / "k8s" / target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+
+
+def rendered(target: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(rendered_text(target)) if d]
+
+
+def one(documents: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        d
+        for d in documents
+        if d["kind"] == kind and (name is None or d["metadata"]["name"].startswith(name))
+    ]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
