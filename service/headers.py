@@ -117,11 +117,21 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(
-    raw: Iterable[tuple[bytes, bytes]], *, http_version: str, via_name: bytes
+    raw: Iterable[tuple[bytes, bytes]],
+    *,
+    http_version: str,
+    via_name: bytes,
+    status: int | None = None,
 ) -> RawHeaders:
     """Headers to send to the client: hop-by-hop removed and this hop added to ``Via``."""
     lowered = [(n.lower(), v) for n, v in raw]
     headers = strip_hop_by_hop(lowered)
+    if status in (204, 304) or any(n == b"transfer-encoding" for n, _ in lowered):
+        # No body follows a 204 or 304, whatever Content-Length says (a 304 may carry the
+        # representation's), and the ASGI server would wait for that many bytes. With
+        # Transfer-Encoding, that framing overrides Content-Length (RFC 9112 6.3): a proxy
+        # must not forward the Content-Length with the decoded body.
+        headers = [(n, v) for n, v in headers if n != b"content-length"]
     prior_via = _joined(headers, b"via")
     out = [(n, v) for n, v in headers if n != b"via"]
     hop = f"{http_version} ".encode() + via_name

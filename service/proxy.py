@@ -1,8 +1,9 @@
 """The proxy itself: match a route, forward the request, stream the response back.
 
-Disconnect safety rests on one rule: the upstream response is closed in a shielded
-``finally`` of the task that opened it, whatever ends the exchange (completion, a client
-that hangs up, an upstream that fails, cancellation at shutdown). Nothing depends on
+Disconnect safety rests on one rule: the upstream response is closed in a ``finally`` of
+the task that opened it, whatever ends the exchange (completion, a client that hangs up, an
+upstream that fails, cancellation at shutdown), and that close runs to its end even when a
+cancellation arrives during it (see ``upstreams._GatedStream``). Nothing depends on
 Starlette background tasks, which are skipped on some paths.
 """
 
@@ -72,6 +73,12 @@ class ClientChannel:
 
     async def watch(self, on_gone: Callable[[], None]) -> None:
         await self._body_done.wait()
+        if self.gone:
+            # The body reader saw the client go and raised ClientDisconnected, which already
+            # ends the exchange. Cancelling now would land in the transport's cleanup of that
+            # error: httpcore's shielded close does not survive an asyncio cancellation and
+            # its connection would stay checked out of its pool for good.
+            return
         while not self.gone:
             message = await self._receive()
             if message["type"] == "http.disconnect":
@@ -106,7 +113,12 @@ class Proxy:
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         host = next((v.decode("latin-1") for n, v in headers if n == b"host"), None)
-        route = self._router.match(host, scope["path"])
+        path: str = scope["path"]
+        # "." and ".." segments are refused: the upstream client would remove them from the
+        # target after routing, so "/public/../admin" would match the /public route and then
+        # reach /admin (or climb out of an upstream's base path).
+        dot_segments = "/." in path and any(s in (".", "..") for s in path.split("/"))
+        route = None if dot_segments else self._router.match(host, path)
         exchange = Exchange(
             method=scope["method"],
             route=route.label if route else None,
@@ -117,7 +129,8 @@ class Proxy:
         self._observer.started(exchange)
         try:
             if route is None:
-                await self._send_error(send, exchange, Reason.NO_ROUTE, None)
+                reason = Reason.BAD_REQUEST if dot_segments else Reason.NO_ROUTE
+                await self._send_error(send, exchange, reason, None)
                 return
             upstream = self._upstreams()[route.upstream]
             channel = ClientChannel(receive, exchange)
@@ -208,6 +221,11 @@ class Proxy:
         try:
             request = self._build_request(scope, route, upstream, channel)
             response = await upstream.client.send(request, stream=True)
+            if not 200 <= response.status_code <= 599:
+                # Not a final status the proxy can forward (e.g. 101 to a request whose
+                # Upgrade was stripped, or 600+): the ASGI server would fail on it.
+                await response.aclose()
+                raise httpx.RemoteProtocolError(f"invalid final status {response.status_code}")
         except ClientDisconnected:
             return
         except httpx.HTTPError as exc:
@@ -227,7 +245,10 @@ class Proxy:
                     "type": "http.response.start",
                     "status": response.status_code,
                     "headers": downstream_response_headers(
-                        response.headers.raw, http_version=version, via_name=self._via
+                        response.headers.raw,
+                        http_version=version,
+                        via_name=self._via,
+                        status=response.status_code,
                     ),
                 }
             )

@@ -51,10 +51,33 @@ def _bare_host(host: str | None) -> str | None:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _encoded_length(raw: bytes, decoded: bytes) -> int | None:
+    """How many bytes of the percent-encoded ``raw`` spell ``decoded``, if it starts so."""
+    index = 0
+    for expected in decoded:
+        escape = raw[index : index + 3]
+        if len(escape) == 3 and escape[0] == 0x25 and escape[1] in _HEX and escape[2] in _HEX:
+            actual, step = int(escape[1:], 16), 3
+        elif index < len(raw):
+            actual, step = raw[index], 1
+        else:
+            return None
+        if actual != expected:
+            return None
+        index += step
+    return index
+
+
 def rewrite_path(route: RouteConfig, raw_path: bytes) -> bytes:
     """The path sent upstream (still percent-encoded exactly as the client sent it)."""
     if not route.strip_prefix or route.prefix == "/":
         return raw_path
     stem = route.prefix.rstrip("/").encode()
-    rest = raw_path[len(stem) :] if raw_path.startswith(stem) else raw_path
+    # Routes match the decoded path; the client may have percent-encoded some of the
+    # prefix's characters (``/caf%C3%A9`` for ``/café``), so find where it ends in the raw one.
+    cut = len(stem) if raw_path.startswith(stem) else _encoded_length(raw_path, stem)
+    rest = raw_path[cut:] if cut is not None else raw_path
     return rest if rest.startswith(b"/") else b"/" + rest

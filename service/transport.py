@@ -11,13 +11,17 @@ puts aiohttp's pool behind it with exact error mapping and byte-exact requests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.http_exceptions import ContentLengthError, HttpProcessingError
 from yarl import URL
 
 from .errors import StaleConnectionError
@@ -67,10 +71,12 @@ def _map_error(exc: BaseException, *, got_headers: bool, reused: bool) -> httpx.
         return httpx.ReadError(message)
     if isinstance(exc, aiohttp.ClientPayloadError):
         cause = exc.__cause__
-        if isinstance(cause, aiohttp.http_exceptions.TransferEncodingError):
+        # A body cut short (fewer bytes than Content-Length) is the upstream hanging up;
+        # any other parser error in the body is an invalid response.
+        if isinstance(cause, HttpProcessingError) and not isinstance(cause, ContentLengthError):
             return httpx.RemoteProtocolError(message)
         return httpx.ReadError(message)
-    if isinstance(exc, aiohttp.ClientResponseError):
+    if isinstance(exc, aiohttp.ClientResponseError | HttpProcessingError):
         return httpx.RemoteProtocolError(message)
     if isinstance(exc, aiohttp.ClientError | OSError):
         return httpx.ReadError(message)
@@ -131,6 +137,52 @@ async def _watched(stream: httpx.AsyncByteStream, watch: _WriteWatch) -> AsyncIt
         watch.disarm()
 
 
+class _ResponseHandler(ResponseHandler):
+    """aiohttp's connection protocol, plus: an error that ends the connection mid-body also
+    ends that body.
+
+    With aiohttp's C parser a malformed chunked body (bad chunk size or chunk terminator)
+    is reported to the protocol only. The transport is closed and sock_read is dropped, but
+    the response payload never gets the error or EOF, so its reader (and the pool slot)
+    would wait forever.
+    """
+
+    def set_exception(self, exc: BaseException, *args: Any) -> None:
+        payload = self._payload
+        super().set_exception(exc, *args)
+        if payload is not None and not payload.is_eof() and payload.exception() is None:
+            cause = args[0] if args and isinstance(args[0], BaseException) else exc
+            error = aiohttp.ClientPayloadError(f"Response payload is not completed: {cause!r}")
+            payload.set_exception(error, cause)
+
+
+class _Connector(aiohttp.TCPConnector):
+    def __init__(self, *, max_idle: int | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        factory = functools.partial(_ResponseHandler, loop=self._loop)
+        self._factory = cast("functools.partial[ResponseHandler]", factory)
+        self._max_idle = max_idle
+
+    def _release(
+        self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
+    ) -> None:
+        # aiohttp has no limit of its own on idle connections: this is where
+        # max_keepalive_connections is kept (0 disables keep-alive).
+        if self._max_idle is not None and not should_close:
+            idle = sum(len(conns) for conns in self._conns.values())
+            should_close = idle >= self._max_idle
+        super()._release(key, protocol, should_close=should_close)
+
+
+class _ClientRequest(aiohttp.ClientRequest):
+    def update_expect_continue(self, expect: bool = False) -> None:
+        # Forward "Expect: 100-continue" as sent, but send the body without waiting for the
+        # upstream's 100 (as httpcore does). aiohttp would wait for it with no timeout
+        # running, forever if the upstream does not implement the expectation. The client's
+        # own expectation is answered by the ASGI server when the body is first read.
+        pass
+
+
 class _ResponseStream(httpx.AsyncByteStream):
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
@@ -139,7 +191,7 @@ class _ResponseStream(httpx.AsyncByteStream):
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, HttpProcessingError, OSError) as exc:
             raise _map_error(exc, got_headers=True, reused=False) from exc
 
     async def aclose(self) -> None:
@@ -160,7 +212,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
+        connector = _Connector(
+            max_idle=self._limits.max_keepalive_connections,
             limit=self._limits.max_connections or 0,
             limit_per_host=0,
             keepalive_timeout=self._limits.keepalive_expiry,
@@ -176,6 +229,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             timeout=aiohttp.ClientTimeout(total=None),
             trust_env=False,
             trace_configs=[trace],
+            request_class=_ClientRequest,
         )
         # aiohttp would silently retry any failed idempotent request once, including on a
         # fresh connection and uncounted; the proxy's own policy retries only the stale
@@ -235,6 +289,13 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 raise httpx.WriteTimeout("upstream stopped reading the request body") from None
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            body_error = exc.__cause__
+            if isinstance(exc, aiohttp.ClientConnectionError) and not isinstance(
+                body_error, aiohttp.ClientError | OSError | None
+            ):
+                # The request body's own exception (e.g. its client went away), which aiohttp
+                # wraps as a connection error: it propagates as is, as with httpcore.
+                raise body_error from None
             raise _map_error(exc, got_headers=False, reused=info.reused) from exc
         finally:
             if watch is not None:

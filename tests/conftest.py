@@ -1,13 +1,28 @@
-"""Shared fixtures. The real servers themselves live in ``tests/harness.py``."""
+"""Shared fixtures: real servers on ephemeral loopback ports (built by ``tests/harness.py``),
+the transport parameter, and the no-error-logs guard."""
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 
+from tests.harness import (
+    RunningRelay,
+    ScriptedUpstream,
+    StartRelay,
+    one_upstream,
+    run_relay,
+)
+
 TRANSPORTS = ["aiohttp", "httpcore"]
+
+# What asyncio, aiohttp and the stdlib say about a leaked task, session or transport.
+LEAK_MARKERS = ("never retrieved", "Unclosed", "unclosed", "was destroyed but it is pending")
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -17,15 +32,53 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def no_error_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Fail the test if anything (proxy, uvicorn, asyncio, aiohttp) logged an error."""
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    """A scripted HTTP/1.1 upstream (a real socket server); the test adds its handlers."""
+    async with ScriptedUpstream({}).running() as running:
+        yield running
+
+
+@pytest.fixture
+async def relay_to(transport: str) -> AsyncIterator[StartRelay]:
+    """Start the proxy (real uvicorn servers) in front of one upstream named ``up``, with
+    this test's transport: ``await relay_to(url, pool={...}, timeouts={...})``."""
+    async with AsyncExitStack() as stack:
+
+        async def start(url: str, **options: Any) -> RunningRelay:
+            config = one_upstream(url, transport, **options)
+            return await stack.enter_async_context(run_relay(config))
+
+        yield start
+
+
+def bad_records(records: list[logging.LogRecord]) -> list[str]:
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in records
+        if r.levelno >= logging.ERROR or any(m in r.getMessage() for m in LEAK_MARKERS)
+    ]
+
+
+@pytest.fixture
+def no_error_logs(
+    caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> Iterator[None]:
+    """Fail the test if anything (proxy, uvicorn.error, asyncio, aiohttp) logged an error or
+    a leak warning at any point: setup, the test itself, or the servers' teardown."""
     caplog.set_level(logging.WARNING)
     yield
-    bad = [
-        f"{r.name}: {r.getMessage()}"
-        for r in caplog.records
-        if r.levelno >= logging.ERROR
-        or "never retrieved" in r.getMessage()
-        or "Unclosed" in r.getMessage()
+    gc.collect()  # surface "Unclosed ..." / "never retrieved" from objects dropped just now
+    # caplog.records only holds the current phase (teardown): look at every phase.
+    records = [
+        *caplog.get_records("setup"),
+        *caplog.get_records("call"),
+        *caplog.records,
+    ]
+    bad = bad_records(records)
+    bad += [
+        f"warning {w.category.__name__}: {w.message}"
+        for w in recwarn
+        if issubclass(w.category, ResourceWarning | pytest.PytestUnraisableExceptionWarning)
+        or any(m in str(w.message) for m in LEAK_MARKERS)
     ]
     assert not bad, "errors were logged:\n" + "\n".join(bad)

@@ -105,6 +105,10 @@ async def run_relay(
         await asyncio.wait_for(task, 15)
 
 
+StartRelay = Callable[..., Awaitable[RunningRelay]]
+"""What the ``relay_to`` fixture gives: start a relay in front of one upstream URL."""
+
+
 @dataclass
 class Request:
     method: str

@@ -77,6 +77,32 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         ),
         ("upstreams: {}\nroutes: []\n", "upstreams"),
         ("upstreams: [\n", "invalid YAML"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+        ("", "upstreams"),
+        # Wrong types.
+        (
+            VALID.replace('"http://127.0.0.1:9999"}', '"http://127.0.0.1:9999", pool: 3}'),
+            "upstreams.api.pool",
+        ),
+        (
+            VALID.replace(
+                '"http://127.0.0.1:9999"}',
+                '"http://127.0.0.1:9999", pool: {max_connections: lots}}',
+            ),
+            "upstreams.api.pool.max_connections",
+        ),
+        (
+            VALID.replace('"http://127.0.0.1:9999"}', '"http://127.0.0.1:9999", transport: h3}'),
+            "upstreams.api.transport",
+        ),
+        (VALID + "server: {trusted_proxies: [not-a-network]}\n", "server.trusted_proxies.0"),
+        (VALID + "server: {drain_delay_seconds: soon}\n", "server.drain_delay_seconds"),
+        (VALID.replace("routes:", "log: {level: LOUD}\nroutes:"), "log.level"),
+        (VALID.replace("upstreams:\n  api:", "upstreams:\n  'bad name':"), "upstreams.bad name"),
+        (
+            VALID.replace("{prefix: /, upstream: api}", "{prefix: /, upstream: api, x: 1}"),
+            "routes.0.x",
+        ),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path: Path, text: str, field: str) -> None:
@@ -90,16 +116,48 @@ def test_missing_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.yaml")
 
 
-def test_cli_exits_2_naming_the_field(tmp_path: Path) -> None:
-    bad = write(tmp_path, VALID.replace("upstream: api}", "upstream: nope}"))
+def test_env_overrides_nested_upstream_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_UPSTREAMS__API__TIMEOUTS__READ", "7")
+    monkeypatch.setenv("RELAY_SERVER__TRUSTED_PROXIES", '["10.0.0.0/8"]')
+    settings = load_settings(write(tmp_path, VALID))
+    api = settings.upstreams["api"]
+    assert api.timeouts.read == 7.0
+    assert str(api.url).startswith("http://127.0.0.1:9999")  # the rest of the file stays
+    assert [str(n) for n in settings.server.trusted_proxies] == ["10.0.0.0/8"]
+
+
+def test_invalid_env_value_names_the_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_SERVER__PORT", "eighty")
+    with pytest.raises(ConfigError, match=r"server\.port"):
+        load_settings(write(tmp_path, VALID))
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (VALID.replace("upstream: api}", "upstream: nope}"), "routes.0.upstream"),
+        (
+            VALID.replace(
+                '{url: "http://127.0.0.1:9999"}',
+                '{url: "http://127.0.0.1:9999", timeouts: {connect: 0}}',
+            ),
+            "upstreams.api.timeouts.connect",
+        ),
+        ("upstreams: {api: {url: 1}\n", "invalid YAML"),
+    ],
+)
+def test_cli_exits_2_naming_the_field(tmp_path: Path, text: str, field: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "--config", str(bad)],
+        [sys.executable, "-m", "service", "--config", str(write(tmp_path, text))],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 2
-    assert "routes.0.upstream" in result.stderr
+    assert field in result.stderr
+    assert result.stderr.startswith("relay: ")
     assert "Traceback" not in result.stderr
 
 

@@ -1,11 +1,11 @@
-"""Upstream faults map to the right status and Proxy-Status, over real sockets."""
+"""Upstream faults map to the right status and Proxy-Status, over real sockets, for both
+transports; faults after the headers truncate the response instead."""
 
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,22 +14,22 @@ import pytest
 from tests.harness import (
     Request,
     ScriptedUpstream,
+    StartRelay,
     Writer,
     closed_port,
     delayed,
     eventually,
+    hang,
+    one_upstream,
+    pool_settled,
     reset_mid_body,
     respond,
     run_relay,
+    send_raw,
+    unaccepting_listener,
 )
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
-
-
-async def garbage(request: Request, writer: Writer) -> None:
-    writer.write(b"SPDY/9 banana\r\n\r\n")
-    await writer.drain()
-    writer.close()
 
 
 async def close_at_once(request: Request, writer: Writer) -> None:
@@ -39,82 +39,86 @@ async def close_at_once(request: Request, writer: Writer) -> None:
 async def stall_mid_body(request: Request, writer: Writer) -> None:
     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n" + b"z" * 100)
     await writer.drain()
-    await asyncio.sleep(3)
+    await asyncio.sleep(5)
 
 
-@contextmanager
-def unaccepting_listener() -> Iterator[int]:
-    """A port whose accept queue is full: new connections hang in SYN-SENT."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        filler.connect_ex(("127.0.0.1", port))
-        fillers.append(filler)
-    try:
-        yield port
-    finally:
-        for filler in fillers:
-            filler.close()
-        server.close()
+async def bad_chunk_mid_body(request: Request, writer: Writer) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(b"this is not a chunk size\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(5)  # keep the connection open: only the parse error can end it
 
 
-def config_for(url: str, transport: str, **upstream: Any) -> dict[str, Any]:
-    return {
-        "upstreams": {"up": {"url": url, "transport": transport, **upstream}},
-        "routes": [{"prefix": "/", "upstream": "up"}],
-    }
-
-
-async def get(url: str, **kwargs: Any) -> httpx.Response:
+async def timed_get(url: str, **kwargs: Any) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
     async with httpx.AsyncClient(timeout=10) as client:
-        return await client.get(url, **kwargs)
+        response = await client.get(url, **kwargs)
+    return response, time.monotonic() - started
 
 
 def assert_proxy_error(response: httpx.Response, status: int, error: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["proxy-status"] == f'relay; error={error}; next-hop="up"'
     assert response.headers["content-type"].startswith("text/plain")
+    assert response.headers["cache-control"] == "no-store"
+    assert "retry-after" not in response.headers or status == 503
 
 
-async def test_connection_refused_is_502(transport: str) -> None:
-    async with run_relay(config_for(f"http://127.0.0.1:{closed_port()}", transport)) as relay:
-        assert_proxy_error(await get(f"{relay.url}/x"), 502, "connection_refused")
+async def test_connection_refused_is_502(relay_to: StartRelay) -> None:
+    relay = await relay_to(f"http://127.0.0.1:{closed_port()}")
+    response, elapsed = await timed_get(f"{relay.url}/x")
+    assert_proxy_error(response, 502, "connection_refused")
+    assert elapsed < 2
+    assert pool_settled(relay)
 
 
 async def test_connect_timeout_is_504(transport: str) -> None:
     with unaccepting_listener() as port:
-        config = config_for(f"http://127.0.0.1:{port}", transport, timeouts={"connect": 0.3})
+        config = one_upstream(f"http://127.0.0.1:{port}", transport, timeouts={"connect": 0.3})
         async with run_relay(config) as relay:
-            assert_proxy_error(await get(f"{relay.url}/x"), 504, "connection_timeout")
+            response, elapsed = await timed_get(f"{relay.url}/x")
+            assert pool_settled(relay)
+    assert_proxy_error(response, 504, "connection_timeout")
+    assert 0.25 < elapsed < 2
 
 
 @pytest.mark.parametrize(
     ("handler", "error"),
-    [(garbage, "http_protocol_error"), (close_at_once, "connection_terminated")],
+    [
+        (send_raw(b"SPDY/9 banana\r\n\r\n"), "http_protocol_error"),
+        (send_raw(b"HTTP/1.1 200 OK\r\nbroken header line\r\n\r\n"), "http_protocol_error"),
+        (send_raw(b"HTTP/1.1 600 Weird\r\ncontent-length: 0\r\n\r\n"), "http_protocol_error"),
+        (send_raw(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), "http_protocol_error"),
+        (close_at_once, "connection_terminated"),
+    ],
+    ids=["garbage-status-line", "garbage-header", "status-600", "unasked-101", "closed"],
 )
-async def test_bad_upstream_answers_are_502(transport: str, handler: Any, error: str) -> None:
-    upstream = ScriptedUpstream({"/x": handler})
-    async with upstream.running(), run_relay(config_for(upstream.url, transport)) as relay:
-        assert_proxy_error(await get(f"{relay.url}/x"), 502, error)
+async def test_bad_upstream_answers_are_502(
+    upstream: ScriptedUpstream, relay_to: StartRelay, handler: Any, error: str
+) -> None:
+    upstream.handlers["/x"] = handler
+    relay = await relay_to(upstream.url)
+    response, elapsed = await timed_get(f"{relay.url}/x")
+    await eventually(lambda: pool_settled(relay))
+    assert_proxy_error(response, 502, error)
+    assert elapsed < 2
     assert len(upstream.seen) == 1  # a fresh connection is never retried
 
 
-async def test_read_timeout_before_headers_is_504(transport: str) -> None:
-    upstream = ScriptedUpstream({"/slow": delayed(2, respond(200, b"late"))})
-    async with (
-        upstream.running(),
-        run_relay(config_for(upstream.url, transport, timeouts={"read": 0.3})) as relay,
-    ):
-        started = asyncio.get_running_loop().time()
-        response = await get(f"{relay.url}/slow")
-        elapsed = asyncio.get_running_loop().time() - started
-    assert_proxy_error(response, 504, "connection_read_timeout")
-    assert 0.25 < elapsed < 1.5
+async def test_read_timeout_before_headers_is_504(
+    upstream: ScriptedUpstream, relay_to: StartRelay
+) -> None:
+    upstream.handlers |= {"/slow": delayed(1, respond(200, b"late")), "/hang": hang}
+    relay = await relay_to(upstream.url, timeouts={"read": 0.4})
+    for path in ("/slow", "/hang"):
+        response, elapsed = await timed_get(f"{relay.url}{path}")
+        assert_proxy_error(response, 504, "connection_read_timeout")
+        assert 0.35 < elapsed < 2, elapsed
+    await eventually(lambda: pool_settled(relay))
+    # The timed-out connections were closed, never handed to the next request.
+    await eventually(lambda: upstream.closed_connections == 2)
 
 
 async def test_write_timeout_when_upstream_stops_reading_is_504(transport: str) -> None:
@@ -126,7 +130,7 @@ async def test_write_timeout_when_upstream_stops_reading_is_504(transport: str) 
 
     server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    config = config_for(f"http://127.0.0.1:{port}", transport, timeouts={"write": 0.5, "read": 30})
+    config = one_upstream(f"http://127.0.0.1:{port}", transport, timeouts={"write": 0.5})
 
     async def body() -> AsyncIterator[bytes]:
         for _ in range(256):
@@ -135,10 +139,12 @@ async def test_write_timeout_when_upstream_stops_reading_is_504(transport: str) 
     try:
         async with run_relay(config) as relay, httpx.AsyncClient(timeout=10) as client:
             try:
-                response = await client.post(f"{relay.url}/upload", content=body())
+                response: httpx.Response | None = await client.post(
+                    f"{relay.url}/upload", content=body()
+                )
             except httpx.HTTPError:
-                response = None
-            await eventually(lambda: relay.relay.upstreams()["up"].snapshot().in_use == 0, within=5)
+                response = None  # the proxy answered before reading the whole body
+            await eventually(lambda: pool_settled(relay))
             metrics = (await client.get(f"{relay.admin_url}/metrics")).text
     finally:
         stop.set()
@@ -150,32 +156,46 @@ async def test_write_timeout_when_upstream_stops_reading_is_504(transport: str) 
 
 
 async def test_pool_exhausted_is_503_with_retry_after(transport: str) -> None:
-    upstream = ScriptedUpstream({"/slow": delayed(1, respond(200, b"ok"))})
+    upstream = ScriptedUpstream({"/slow": delayed(3, respond(200, b"ok"))})
     pool = {"max_connections": 1, "max_keepalive_connections": 1}
-    async with (
-        upstream.running(),
-        run_relay(config_for(upstream.url, transport, pool=pool, timeouts={"pool": 0.2})) as relay,
-    ):
-        holder = asyncio.create_task(get(f"{relay.url}/slow"))
-        await eventually(lambda: relay.relay.upstreams()["up"].snapshot().in_use == 1)
-        response = await get(f"{relay.url}/slow")
-        assert (await holder).status_code == 200
+    async with upstream.running():
+        config = one_upstream(upstream.url, transport, pool=pool, timeouts={"pool": 0.3})
+        config["server"] = {"retry_after_seconds": 7}
+        async with run_relay(config) as relay:
+            holder = asyncio.create_task(timed_get(f"{relay.url}/slow"))
+            await eventually(lambda: relay.relay.upstreams()["up"].snapshot().in_use == 1)
+            response, elapsed = await timed_get(f"{relay.url}/slow")
+            held, _ = await holder
+            assert held.status_code == 200
+            await eventually(lambda: pool_settled(relay))
     assert_proxy_error(response, 503, "connection_limit_reached")
-    assert response.headers["retry-after"] == "1"
+    assert response.headers["retry-after"] == "7"
+    assert 0.25 < elapsed < 2
+    assert len(upstream.seen) == 1  # the refused request never reached the upstream
 
 
-@pytest.mark.parametrize("handler", [reset_mid_body, stall_mid_body])
-async def test_failure_after_headers_truncates_the_response(transport: str, handler: Any) -> None:
-    upstream = ScriptedUpstream({"/x": handler})
+@pytest.mark.parametrize(
+    ("handler", "sent"),
+    [(reset_mid_body, b"y" * 10), (stall_mid_body, b"z" * 100), (bad_chunk_mid_body, b"hello")],
+    ids=["reset", "read-timeout", "bad-chunk"],
+)
+async def test_failure_after_headers_truncates_the_response(
+    upstream: ScriptedUpstream, relay_to: StartRelay, handler: Any, sent: bytes
+) -> None:
+    upstream.handlers["/x"] = handler
+    relay = await relay_to(upstream.url, timeouts={"read": 0.5})
+    received = b""
+    started = time.monotonic()
     async with (
-        upstream.running(),
-        run_relay(config_for(upstream.url, transport, timeouts={"read": 0.5})) as relay,
+        httpx.AsyncClient(timeout=10) as client,
+        client.stream("GET", f"{relay.url}/x") as response,
     ):
-        async with (
-            httpx.AsyncClient(timeout=10) as client,
-            client.stream("GET", f"{relay.url}/x") as response,
-        ):
-            assert response.status_code == 200
-            with pytest.raises(httpx.RemoteProtocolError):
-                await response.aread()
-        await eventually(lambda: relay.relay.upstreams()["up"].snapshot().in_use == 0)
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            async for chunk in response.aiter_raw():
+                received += chunk
+        # Cut promptly by the proxy (not by the client's own 10 s timeout), and the pool
+        # slot is free while this client is still connected.
+        assert time.monotonic() - started < 2
+        await eventually(lambda: pool_settled(relay))
+    assert received == sent

@@ -9,36 +9,63 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import spawn_relay, wait_http
-from tests.test_metrics_live import demo_config
+from tests.harness import free_port, spawn_relay, wait_http
+
+
+def demo_config(**server: Any) -> dict[str, Any]:
+    """The demo upstream served by the relay process itself, on free ports."""
+    demo_port = free_port()
+    return {
+        "server": {"drain_delay_seconds": 0, "grace_period_seconds": 2, **server},
+        "log": {"access_log": False},
+        "demo": {"enabled": True, "host": "127.0.0.1", "port": demo_port},
+        "upstreams": {"demo": {"url": f"http://127.0.0.1:{demo_port}"}},
+        "routes": [{"prefix": "/", "upstream": "demo"}],
+    }
 
 
 def test_builtin_default_serves_the_demo_upstream(tmp_path: Path) -> None:
-    """The README's first command: no config, a real proxied response."""
+    """The README's first command, no config file: a real proxied response. Only the ports
+    are moved, through ``RELAY_*`` overrides of the built-in default."""
+    port, admin_port, demo_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))}
-    env["RELAY_SERVER__DRAIN_DELAY_SECONDS"] = "0.2"
-    log = open(tmp_path / "relay.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen([sys.executable, "-m", "service"], stdout=log, stderr=log, env=env)
+    env |= {
+        "RELAY_SERVER__HOST": "127.0.0.1",
+        "RELAY_SERVER__PORT": str(port),
+        "RELAY_SERVER__ADMIN_HOST": "127.0.0.1",
+        "RELAY_SERVER__ADMIN_PORT": str(admin_port),
+        "RELAY_SERVER__DRAIN_DELAY_SECONDS": "0.2",
+        "RELAY_DEMO__PORT": str(demo_port),
+        "RELAY_UPSTREAMS__DEMO__URL": f"http://127.0.0.1:{demo_port}",
+    }
+    proxy, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    with open(tmp_path / "relay.log", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], stdout=log, stderr=log, env=env
+        )
     try:
-        wait_http("http://127.0.0.1:9090/readyz")
-        response = httpx.get("http://127.0.0.1:8080/")
+        wait_http(f"{admin}/readyz")
+        assert httpx.get(f"{admin}/healthz").text == "ok\n"
+        response = httpx.get(f"{proxy}/")
         assert response.status_code == 200
         assert response.json()["message"].startswith("hello from the demo upstream")
         assert response.headers["via"] == "1.1 relay"
-        headers = httpx.get("http://127.0.0.1:8080/headers").json()["headers"]
+        headers = httpx.get(f"{proxy}/headers").json()["headers"]
         assert headers["x-forwarded-for"] == "127.0.0.1"
-        assert "relay_requests_total" in httpx.get("http://127.0.0.1:9090/metrics").text
+        assert headers["host"] == f"127.0.0.1:{demo_port}"
+        assert "relay_requests_total" in httpx.get(f"{admin}/metrics").text
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-        log.close()
+    assert "Traceback" not in (tmp_path / "relay.log").read_text()
 
 
 def stream_lines(url: str, started: threading.Event, result: dict[str, object]) -> None:
@@ -66,29 +93,35 @@ def refused(url: str) -> bool:
 
 
 def test_sigterm_drains_without_losing_in_flight_streams(tmp_path: Path) -> None:
-    config = demo_config(drain_delay_seconds=1.5, grace_period_seconds=15)
+    config = demo_config(drain_delay_seconds=2, grace_period_seconds=15)
     with spawn_relay(config, tmp_path) as relay:
         started, result = threading.Event(), {}
         streamer = threading.Thread(
-            target=stream_lines, args=(f"{relay.url}/stream/60", started, result)
+            target=stream_lines, args=(f"{relay.url}/stream/100", started, result)
         )
         streamer.start()
         assert started.wait(10)
         signalled = time.monotonic()
         relay.process.send_signal(signal.SIGTERM)
 
-        wait_http(f"{relay.admin_url}/readyz", within=1, status=503)
-        # Still accepting during the drain delay, so in-flight load balancing settles.
-        assert httpx.get(f"{relay.url}/").status_code == 200
+        wait_http(f"{relay.admin_url}/readyz", within=0.5, status=503)
+        # Still accepting new connections during the drain delay, so load balancers that
+        # have not yet seen the readiness change lose nothing.
+        for _ in range(3):
+            assert httpx.get(f"{relay.url}/").status_code == 200
+        assert time.monotonic() - signalled < 1.9
         deadline = time.monotonic() + 10
         while not refused(f"{relay.url}/"):
             assert time.monotonic() < deadline, "listener never closed"
             time.sleep(0.05)
-        assert time.monotonic() - signalled >= 1.4
+        assert time.monotonic() - signalled >= 1.9
+        # Listener closed, but the process waits for the in-flight stream.
+        assert streamer.is_alive()
+        assert relay.process.poll() is None
 
         streamer.join(timeout=20)
         assert "error" not in result, result
-        assert result["lines"] == [f"line {i}" for i in range(60)]
+        assert result["lines"] == [f"line {i}" for i in range(100)]
         assert relay.process.wait(timeout=20) == 0
         assert "Traceback" not in relay.log()
 
@@ -96,7 +129,10 @@ def test_sigterm_drains_without_losing_in_flight_streams(tmp_path: Path) -> None
 @pytest.mark.parametrize("workers", [1, 2])
 def test_streams_longer_than_the_grace_period_are_cut(tmp_path: Path, workers: int) -> None:
     config = demo_config(drain_delay_seconds=0.2, grace_period_seconds=1, workers=workers)
-    with spawn_relay(config, tmp_path) as relay:
+    # The supervisor empties its metrics directory at start: one per test, so that runs in
+    # parallel on one machine never clear each other's.
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")} if workers > 1 else None
+    with spawn_relay(config, tmp_path, env) as relay:
         started, result = threading.Event(), {}
         streamer = threading.Thread(
             target=stream_lines, args=(f"{relay.url}/stream/1000", started, result)
@@ -106,6 +142,8 @@ def test_streams_longer_than_the_grace_period_are_cut(tmp_path: Path, workers: i
         signalled = time.monotonic()
         relay.process.send_signal(signal.SIGTERM)
         assert relay.process.wait(timeout=20) == 0
-        assert time.monotonic() - signalled < 8
+        # Cut once the drain delay and the grace period are over, not sooner, not much later.
+        assert 1.1 <= time.monotonic() - signalled < 8
         streamer.join(timeout=10)
-        assert "error" in result  # cut, never presented as complete
+        assert not streamer.is_alive()
+        assert "error" in result, result  # cut, never presented as complete

@@ -18,6 +18,7 @@ from tests.harness import free_port, spawn_relay
 
 GIB = 1 << 30
 MAX_GROWTH = 64 << 20  # bytes of RSS the proxy may gain while moving 1 GiB
+MAX_SECONDS = 60  # loopback moves 1 GiB through the proxy in a few seconds
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +97,7 @@ def test_download_1gib_keeps_memory_flat(relay_and_upstream: tuple[str, int]) ->
     assert received == GIB
     print(f"download: 1 GiB in {elapsed:.1f}s, proxy RSS growth {rss.growth >> 20} MiB")
     assert rss.growth < MAX_GROWTH, f"proxy RSS grew {rss.growth >> 20} MiB"
+    assert elapsed < MAX_SECONDS
 
 
 def test_upload_1gib_keeps_memory_flat(relay_and_upstream: tuple[str, int]) -> None:
@@ -116,3 +118,4 @@ def test_upload_1gib_keeps_memory_flat(relay_and_upstream: tuple[str, int]) -> N
     assert response.text == str(GIB)
     print(f"upload: 1 GiB in {elapsed:.1f}s, proxy RSS growth {rss.growth >> 20} MiB")
     assert rss.growth < MAX_GROWTH, f"proxy RSS grew {rss.growth >> 20} MiB"
+    assert elapsed < MAX_SECONDS

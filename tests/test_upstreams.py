@@ -1,71 +1,152 @@
-"""The pool gate and the stale keep-alive retry policy."""
+"""The pool gate (exact in-use and waiting counts, never more connections than allowed, no
+leak) and the stale keep-alive retry policy, for both transports."""
 
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 import pytest
 
-from tests.harness import ScriptedUpstream, respond, run_relay, stale_after_first
+from tests.harness import (
+    Request,
+    RunningRelay,
+    ScriptedUpstream,
+    StartRelay,
+    Writer,
+    delayed,
+    eventually,
+    hang,
+    metric,
+    pool_settled,
+    raw_request,
+    respond,
+    stale_after_first,
+)
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
 
-async def retries_counted(admin_url: str) -> float:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"{admin_url}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith('relay_upstream_retries_total{upstream="up"}'):
-            return float(line.split()[-1])
-    return 0.0
+def pool_of(size: int, keepalive: int | None = None) -> dict[str, int]:
+    idle = size if keepalive is None else keepalive
+    return {"max_connections": size, "max_keepalive_connections": idle}
 
 
-@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
-async def test_idempotent_request_retried_once_on_stale_connection(
-    transport: str, method: str
+async def test_gate_snapshot_counts_holders_and_waiters(
+    upstream: ScriptedUpstream, relay_to: StartRelay
 ) -> None:
-    upstream = ScriptedUpstream({"/s": stale_after_first()})
-    async with upstream.running():
-        config = {
-            "upstreams": {"up": {"url": upstream.url, "transport": transport}},
-            "routes": [{"prefix": "/", "upstream": "up"}],
-        }
-        async with run_relay(config) as relay, httpx.AsyncClient() as client:
-            assert (await client.get(f"{relay.url}/s")).status_code == 200
-            # The pooled connection is reused, the upstream drops it without answering,
-            # and the proxy replays the request on a new connection.
-            assert (await client.request(method, f"{relay.url}/s")).status_code == 200
-            assert await retries_counted(relay.admin_url) == 1
+    upstream.handlers |= {"/hang": hang, "/ok": respond(200, b"ok")}
+    relay = await relay_to(upstream.url, pool=pool_of(3), timeouts={"pool": 10})
+    up = relay.relay.upstreams()["up"]
+    assert (up.snapshot().in_use, up.snapshot().waiting, up.snapshot().max) == (0, 0, 3)
+    give_up = asyncio.Event()
+    clients = [
+        asyncio.create_task(raw_request(relay.url, "/hang", hang_up_when=give_up.is_set))
+        for _ in range(5)
+    ]
+    await eventually(lambda: (up.snapshot().in_use, up.snapshot().waiting) == (3, 2))
+    await eventually(lambda: upstream.open_connections == 3)
+    assert await metric(relay, "relay_pool_waiting_requests", upstream="up") == 2
+    give_up.set()
+    await asyncio.gather(*clients)
+    await eventually(lambda: pool_settled(relay))
+    await eventually(lambda: upstream.open_connections == 0)
+    async with httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(f"{relay.url}/ok")).content == b"ok"
+    assert upstream.peak_connections == 3
+
+
+async def test_never_more_upstream_connections_than_the_pool_allows(
+    upstream: ScriptedUpstream, relay_to: StartRelay
+) -> None:
+    upstream.handlers["/slow"] = delayed(0.1, respond(200, b"ok"))
+    relay = await relay_to(upstream.url, pool=pool_of(2), timeouts={"pool": 10})
+    async with httpx.AsyncClient(timeout=10) as client:
+        # 12 requests at once for 2 connections: queued, not refused, all served.
+        responses = await asyncio.gather(*(client.get(f"{relay.url}/slow") for _ in range(12)))
+    assert [r.status_code for r in responses] == [200] * 12
+    assert pool_settled(relay)
+    assert relay.relay.upstreams()["up"].snapshot().idle == 2
+    assert upstream.peak_connections == 2
+    assert len(upstream.seen) == 12
+
+
+@pytest.mark.parametrize("keepalive", [0, 1, 4])
+async def test_idle_connections_kept_up_to_max_keepalive(
+    upstream: ScriptedUpstream, relay_to: StartRelay, keepalive: int
+) -> None:
+    upstream.handlers["/slow"] = delayed(0.1, respond(200, b"ok"))
+    relay = await relay_to(upstream.url, pool=pool_of(4, keepalive))
+    async with httpx.AsyncClient(timeout=10) as client:
+        await asyncio.gather(*(client.get(f"{relay.url}/slow") for _ in range(4)))
+    assert upstream.peak_connections == 4
+    await eventually(lambda: upstream.open_connections == keepalive)
+    assert relay.relay.upstreams()["up"].snapshot().idle == keepalive
+
+
+async def retries(relay: RunningRelay) -> float:
+    return await metric(relay, "relay_upstream_retries_total", upstream="up")
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS"])
+async def test_idempotent_request_retried_once_on_stale_connection(
+    upstream: ScriptedUpstream, relay_to: StartRelay, method: str, close: str
+) -> None:
+    upstream.handlers["/s"] = stale_after_first(reset=close == "rst")
+    relay = await relay_to(upstream.url)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{relay.url}/s")).status_code == 200
+        # The pooled connection is reused, the upstream drops it without answering,
+        # and the proxy replays the request once, on a new connection.
+        assert (await client.request(method, f"{relay.url}/s")).status_code == 200
+    assert await retries(relay) == 1
+    assert pool_settled(relay)
     assert [r.method for r in upstream.seen] == ["GET", method, method]
+    await eventually(lambda: upstream.closed_connections == 1)  # the stale one
+    assert upstream.peak_connections == 1  # the retry's connection came after it
 
 
+@pytest.mark.parametrize("close", ["fin", "rst"])
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
-async def test_non_idempotent_request_is_never_retried(transport: str, method: str) -> None:
-    upstream = ScriptedUpstream({"/s": stale_after_first()})
-    async with upstream.running():
-        config = {
-            "upstreams": {"up": {"url": upstream.url, "transport": transport}},
-            "routes": [{"prefix": "/", "upstream": "up"}],
-        }
-        async with run_relay(config) as relay, httpx.AsyncClient() as client:
-            assert (await client.get(f"{relay.url}/s")).status_code == 200
-            response = await client.request(method, f"{relay.url}/s", content=b"once")
-            assert response.status_code == 502
-            assert response.headers["proxy-status"].startswith("relay; error=connection_terminated")
-            assert await retries_counted(relay.admin_url) == 0
-    assert [r.method for r in upstream.seen] == ["GET", method]
+async def test_non_idempotent_request_is_never_retried(
+    upstream: ScriptedUpstream, relay_to: StartRelay, method: str, close: str
+) -> None:
+    upstream.handlers["/s"] = stale_after_first(reset=close == "rst")
+    relay = await relay_to(upstream.url)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{relay.url}/s")).status_code == 200
+        response = await client.request(method, f"{relay.url}/s", content=b"once")
+    assert response.status_code == 502
+    assert response.headers["proxy-status"] == 'relay; error=connection_terminated; next-hop="up"'
+    assert await retries(relay) == 0
+    assert [(r.method, r.body) for r in upstream.seen] == [("GET", b""), (method, b"once")]
 
 
-async def test_fresh_connection_closed_is_not_retried(transport: str) -> None:
-    async def close(request: object, writer: object) -> None:
-        writer.close()  # type: ignore[attr-defined]
+async def test_idempotent_request_with_a_body_is_not_replayed(
+    upstream: ScriptedUpstream, relay_to: StartRelay
+) -> None:
+    """A streamed body cannot be sent twice: a PUT on a stale connection is not retried."""
+    upstream.handlers["/s"] = stale_after_first()
+    relay = await relay_to(upstream.url)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{relay.url}/s")).status_code == 200
+        response = await client.put(f"{relay.url}/s", content=b"body")
+    assert response.status_code == 502
+    assert await retries(relay) == 0
+    assert [r.method for r in upstream.seen] == ["GET", "PUT"]
 
-    upstream = ScriptedUpstream({"/s": close, "/ok": respond(200, b"ok")})
-    async with upstream.running():
-        config = {
-            "upstreams": {"up": {"url": upstream.url, "transport": transport}},
-            "routes": [{"prefix": "/", "upstream": "up"}],
-        }
-        async with run_relay(config) as relay, httpx.AsyncClient() as client:
-            assert (await client.get(f"{relay.url}/s")).status_code == 502
-            assert await retries_counted(relay.admin_url) == 0
-    assert len(upstream.seen) == 1
+
+async def test_fresh_connection_closed_is_not_retried(
+    upstream: ScriptedUpstream, relay_to: StartRelay
+) -> None:
+    async def close(request: Request, writer: Writer) -> None:
+        writer.close()
+
+    upstream.handlers |= {"/s": close, "/ok": respond(200, b"ok")}
+    relay = await relay_to(upstream.url)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{relay.url}/s")).status_code == 502
+        assert (await client.get(f"{relay.url}/ok")).status_code == 200
+    assert await retries(relay) == 0
+    assert [r.path for r in upstream.seen] == ["/s", "/ok"]
