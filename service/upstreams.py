@@ -3,18 +3,22 @@
 The gate holds one slot per connection the upstream may use (``max_connections``). A request
 takes a slot before it reaches the transport and gives it back when its response is closed,
 so the transport's own pool never has waiters. That gives exact numbers for the pool
-snapshot (in use, waiting, wait time), one cancellation-safe place for pool timeouts, and
-makes the httpcore pool-slot leak on cancelled waiters (encode/httpcore#1093) unreachable.
+snapshot (in use, waiting, wait time) and one cancellation-safe place for pool timeouts.
+httpcore also loses connections to cancellations inside a request or a close
+(encode/httpcore#1093): for that transport no cancellation is let through to it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import http.cookiejar
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
+import anyio
 import httpx
 
 from .config import UpstreamConfig
@@ -80,12 +84,23 @@ class HttpcoreTransport(httpx.AsyncHTTPTransport):
             if info.reused and "without sending a response" in str(exc):
                 raise StaleConnectionError(str(exc)) from exc
             raise
+        except (httpx.ReadError, httpx.WriteError) as exc:
+            # The same race when the upstream's close arrives as a reset (it had unread
+            # data: our request), as the aiohttp transport maps it.
+            if info.reused:
+                raise StaleConnectionError(str(exc)) from exc
+            raise
 
 
 class _GatedStream(httpx.AsyncByteStream):
-    def __init__(self, inner: httpx.AsyncByteStream, release: Callable[[], None]) -> None:
+    """The response body; closing it returns the gate slot, after the transport is done."""
+
+    def __init__(
+        self, inner: httpx.AsyncByteStream, release: Callable[[], None], *, shield_close: bool
+    ) -> None:
         self._inner = inner
         self._release = release
+        self._shield_close = shield_close
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for chunk in self._inner:
@@ -93,9 +108,57 @@ class _GatedStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         try:
-            await self._inner.aclose()
+            if self._shield_close:
+                await _close_uncancellably(self._inner)
+            else:
+                await self._inner.aclose()
         finally:
             self._release()
+
+
+async def _close_uncancellably(stream: httpx.AsyncByteStream) -> None:
+    """Run ``stream.aclose()`` to its end even if this task is cancelled meanwhile.
+
+    httpcore returns a connection to its pool inside ``aclose()`` under an anyio shield,
+    which a plain asyncio cancellation (a client hanging up) goes through: the connection
+    would stay checked out of httpcore's pool for good while the gate freed its slot. So the
+    close runs in a task of its own, and a cancellation is passed on only once it finished.
+    """
+    closing = asyncio.ensure_future(stream.aclose())
+    cancelled: asyncio.CancelledError | None = None
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    closing.result()
+    if cancelled is not None:
+        raise cancelled
+
+
+class _Lease:
+    """One gate slot held by one request; released exactly once."""
+
+    __slots__ = ("_gate", "detached", "released")
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self.detached = False
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._gate.release()
+
+
+async def _close_then_release(response: httpx.Response, lease: _Lease) -> None:
+    try:
+        await response.aclose()
+    except Exception:
+        pass
+    finally:
+        lease.release()
 
 
 class GatedTransport(httpx.AsyncBaseTransport):
@@ -119,6 +182,9 @@ class GatedTransport(httpx.AsyncBaseTransport):
         if wrap is not None:
             self._send = wrap(name, cast(httpx.AsyncBaseTransport, inner))
         self._gate = Gate(max_connections)
+        # Transports whose request or close path breaks when cancelled (httpcore).
+        self._fragile = not isinstance(inner, AiohttpTransport)
+        self._orphans: set[asyncio.Future[Any]] = set()
         self._pool_timeout = pool_timeout
         self._observer = observer
 
@@ -144,26 +210,20 @@ class GatedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         await self._acquire()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self._gate.release()
-
+        lease = _Lease(self._gate)
         try:
-            response = await self._send_with_retry(request)
+            response = await self._send_with_retry(request, lease)
         except BaseException:
-            release()
+            if not lease.detached:
+                lease.release()
             raise
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _GatedStream(response.stream, release)
+        response.stream = _GatedStream(response.stream, lease.release, shield_close=self._fragile)
         return response
 
-    async def _send_with_retry(self, request: httpx.Request) -> httpx.Response:
+    async def _send_with_retry(self, request: httpx.Request, lease: _Lease) -> httpx.Response:
         try:
-            return await self._send.handle_async_request(request)
+            return await self._attempt(request, lease)
         except StaleConnectionError:
             # Only the keep-alive race is retried, only once, and only when nothing can
             # have been applied twice: an idempotent method with no body to replay.
@@ -171,7 +231,43 @@ class GatedTransport(httpx.AsyncBaseTransport):
             if request.method not in IDEMPOTENT_METHODS or not replayable:
                 raise
             self._observer.retry(self.name, request.method)
+            return await self._attempt(request, lease)
+
+    async def _attempt(self, request: httpx.Request, lease: _Lease) -> httpx.Response:
+        if not self._fragile:
             return await self._send.handle_async_request(request)
+        # httpcore cleans up after a cancellation under anyio shields, which a plain asyncio
+        # cancellation (a client hanging up) goes straight through: the connection would
+        # stay checked out of its pool for good (encode/httpcore#1093). So the attempt runs
+        # in a task of its own, and a cancelled caller cancels it through an anyio cancel
+        # scope, the way httpcore expects; the gate slot is returned once it has ended.
+        scope = anyio.CancelScope()
+
+        async def run() -> httpx.Response | None:
+            with scope:
+                return await self._send.handle_async_request(request)
+            return None
+
+        attempt = asyncio.ensure_future(run())
+        try:
+            response = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            scope.cancel()
+            lease.detached = True
+            self._orphans.add(attempt)
+            attempt.add_done_callback(functools.partial(self._orphan_done, lease))
+            raise
+        assert response is not None
+        return response
+
+    def _orphan_done(self, lease: _Lease, attempt: asyncio.Future[Any]) -> None:
+        self._orphans.discard(attempt)
+        if attempt.cancelled() or attempt.exception() is not None or attempt.result() is None:
+            lease.release()
+            return
+        closer = asyncio.ensure_future(_close_then_release(attempt.result(), lease))
+        self._orphans.add(closer)
+        closer.add_done_callback(self._orphans.discard)
 
     async def __aenter__(self) -> GatedTransport:
         await self.inner.__aenter__()
