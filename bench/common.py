@@ -1,8 +1,17 @@
-"""Shared pieces of the benchmarks: processes on loopback, nginx, wrk, and the table."""
+"""Shared pieces of the benchmarks: processes on loopback, nginx, Relay, wrk, tables.
+
+Every process a benchmark starts runs in its own session and is stopped (SIGTERM, then
+SIGKILL) when its ``with`` block ends, whatever ends it: normal exit, an exception, Ctrl-C,
+or SIGTERM/SIGHUP to the benchmark (``handle_signals`` turns those into ``SystemExit``).
+Everything binds 127.0.0.1 only.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import platform
 import re
 import shutil
 import signal
@@ -14,77 +23,131 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+LOOPBACK = "127.0.0.1"
+
+# Which process serves Relay for each transport row: the service itself, or the bench-only
+# harness that swaps in httpx-aiohttp's stock transport (the YAML still says "aiohttp").
+TRANSPORTS = ("aiohttp", "httpcore", "stock")
+TRANSPORT_LABELS = {
+    "aiohttp": "Relay, transport: aiohttp (service/transport.py)",
+    "httpcore": "Relay, transport: httpcore (httpx default pool)",
+    "stock": "Relay, stock httpx_aiohttp.AiohttpTransport",
+}
+
+
+def handle_signals() -> None:
+    """SIGTERM/SIGHUP end the benchmark like Ctrl-C does: by unwinding, so cleanup runs."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
 
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
 
 
 def need(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:
-        sys.exit(f"{binary} not found: apt-get install -y wrk nginx")
+        sys.exit(f"{binary} not found: apt-get update && apt-get install -y wrk nginx")
     return path
 
 
-def wait_ready(url: str, within: float = 20.0) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes] | None = None, within: float = 20) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=1).status_code < 500:
+            if httpx.get(url, timeout=1, trust_env=False).status_code < 500:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
+    raise RuntimeError(f"{url} did not come up within {within}s")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the benchmark dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @contextmanager
 def process(
-    args: Sequence[str], env: dict[str, str] | None = None
+    args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        list(args),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,
-    )
+    """A child in its own session (so its whole group can be stopped), stopped on exit."""
+    out = log.open("wb") if log is not None else subprocess.DEVNULL
+    # preexec_fn: single-threaded callers only (the benchmarks are).
+    try:
+        proc = subprocess.Popen(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        if log is not None and not isinstance(out, int):
+            out.close()
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _stop(proc)
 
+
+# -- nginx ---------------------------------------------------------------------------------
 
 NGINX_UPSTREAM = """
-worker_processes 1; daemon off; pid {tmp}/up.pid; error_log {tmp}/up-error.log;
+worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
   server {{ listen 127.0.0.1:{port}; location / {{ root {tmp}/www; }} }}
 }}
 """
 
 NGINX_PROXY = """
-worker_processes 1; daemon off; pid {tmp}/proxy.pid; error_log {tmp}/proxy-error.log;
+worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
   upstream up {{ server 127.0.0.1:{upstream}; keepalive 100; }}
   server {{
     listen 127.0.0.1:{port};
@@ -96,67 +159,161 @@ http {{
 """
 
 
+@dataclass(frozen=True)
+class Served:
+    port: int
+    pid: int
+
+    def url(self, path: str) -> str:
+        return f"http://{LOOPBACK}:{self.port}{path}"
+
+
 @contextmanager
-def nginx(template: str, **values: Any) -> Iterator[int]:
+def nginx(template: str, files: dict[str, int] | None = None, **values: Any) -> Iterator[Served]:
+    """nginx with its own config under a temp dir: daemon off, ``-p`` prefix, 1 worker.
+
+    ``files`` maps docroot names to sizes; they are created sparse (no disk, no page
+    cache pressure), so a 1 GiB file costs nothing.
+    """
     binary = need("nginx")
     port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        # nginx workers drop root privileges: they must be able to read the docroot.
+    with tempfile.TemporaryDirectory(prefix="relay-bench-nginx-") as tmp:
+        # Workers drop root privileges: they must be able to read the docroot.
         os.chmod(tmp, 0o755)
         www = Path(tmp, "www")
         www.mkdir()
-        (www / "1k").write_bytes(b"x" * 1024)
+        for name, size in (files or {"1k": 1024}).items():
+            with Path(www, name).open("wb") as f:
+                if size <= 1 << 20:
+                    f.write(b"x" * size)
+                else:
+                    f.truncate(size)
         conf = Path(tmp, "nginx.conf")
         conf.write_text(template.format(tmp=tmp, port=port, **values))
-        with process([binary, "-p", tmp, "-c", str(conf)]):
-            wait_ready(f"http://127.0.0.1:{port}/1k")
-            yield port
+        args = [binary, "-p", tmp, "-e", f"{tmp}/error.log", "-c", str(conf)]
+        with process(args) as proc:
+            wait_ready(f"http://{LOOPBACK}:{port}/", proc)
+            yield Served(port, proc.pid)
+
+
+# -- Relay ---------------------------------------------------------------------------------
 
 
 @contextmanager
 def relay(
-    upstream_port: int, transport: str, *, launcher: Sequence[str] = (), workers: int = 1
-) -> Iterator[int]:
-    """Relay as its own process, access log off."""
+    upstream_url: str,
+    transport: str,
+    *,
+    max_connections: int = 100,
+    pool_timeout: float = 5.0,
+) -> Iterator[RelayProcess]:
+    """Relay as its own process: 1 worker, access log off, one upstream, one route."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"unknown transport {transport!r}")
     port, admin = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         config = {
             "server": {
-                "host": "127.0.0.1",
+                "host": LOOPBACK,
                 "port": port,
-                "admin_host": "127.0.0.1",
+                "admin_host": LOOPBACK,
                 "admin_port": admin,
+                "workers": 1,
                 "drain_delay_seconds": 0,
                 "grace_period_seconds": 1,
             },
             "log": {"access_log": False, "level": "WARNING"},
             "upstreams": {
                 "up": {
-                    "url": f"http://127.0.0.1:{upstream_port}",
-                    "transport": transport,
-                    "pool": {"max_connections": 100},
+                    "url": upstream_url,
+                    "transport": "aiohttp" if transport == "stock" else transport,
+                    "pool": {
+                        "max_connections": max_connections,
+                        "max_keepalive_connections": max_connections,
+                    },
+                    "timeouts": {"pool": pool_timeout},
                 }
             },
             "routes": [{"prefix": "/", "upstream": "up"}],
         }
         path = Path(tmp, "relay.yaml")
         path.write_text(yaml.safe_dump(config))
-        args = list(launcher) or [sys.executable, "-m", "service"]
-        env = {"PYTHONPATH": str(ROOT)}
-        if workers > 1:
-            env["PROMETHEUS_MULTIPROC_DIR"] = str(Path(tmp, "prom"))
-        with process([*args, "--config", str(path)], env=env):
-            wait_ready(f"http://127.0.0.1:{admin}/readyz")
-            yield port
+        if transport == "stock":
+            args = [sys.executable, str(BENCH / "stock_httpx_aiohttp.py")]
+        else:
+            args = [sys.executable, "-m", "service"]
+        # No tracing exporter, no multiprocess metrics: the plain single-worker service.
+        env = {"PYTHONPATH": str(ROOT), "OTEL_SDK_DISABLED": "true", "PROMETHEUS_MULTIPROC_DIR": ""}
+        log = Path(tmp, "relay.log")
+        with process([*args, "--config", str(path)], env=env, log=log) as proc:
+            try:
+                wait_ready(f"http://{LOOPBACK}:{admin}/readyz", proc)
+            except RuntimeError:
+                sys.stderr.write(log.read_text(errors="replace")[-4000:])
+                raise
+            yield RelayProcess(port, proc.pid, admin, log)
 
 
-@dataclass
+@dataclass(frozen=True)
+class RelayProcess(Served):
+    admin_port: int
+    log: Path
+
+    def metrics(self) -> Metrics:
+        text = httpx.get(
+            f"http://{LOOPBACK}:{self.admin_port}/metrics", timeout=5, trust_env=False
+        ).text
+        return Metrics.parse(text)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Samples of the Prometheus text format: (name, sorted label pairs) -> value."""
+
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+    @classmethod
+    def parse(cls, text: str) -> Metrics:
+        samples = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            name, _, labels = series.partition("{")
+            pairs = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)
+            samples[(name, tuple(sorted(pairs)))] = float(value)
+        return cls(samples)
+
+    def sum(self, name: str, **labels: str) -> float:
+        """The sum of every sample of ``name`` whose labels include ``labels``."""
+        want = set(labels.items())
+        return sum(
+            value
+            for (sample, pairs), value in self.samples.items()
+            if sample == name and want <= set(pairs)
+        )
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of a live process: its peak resident set since it started."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+# -- wrk -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class WrkResult:
     name: str
     rps: float
     p50_ms: float
     p99_ms: float
-    errors: int
+    requests: int
+    non_2xx: int
+    socket_errors: int
 
 
 def _ms(text: str) -> float:
@@ -167,36 +324,69 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(name: str, url: str, duration: int, connections: int = 64) -> WrkResult:
+def _find(pattern: str, text: str) -> str:
+    match = re.search(pattern, text, re.M)
+    if match is None:
+        raise RuntimeError(f"wrk output without {pattern!r}:\n{text}")
+    return match.group(1)
+
+
+def wrk(name: str, url: str, duration: int, connections: int = 64, threads: int = 2) -> WrkResult:
     binary = need("wrk")
-    out = subprocess.run(
-        [binary, "-t2", f"-c{connections}", f"-d{duration}s", "--latency", url],
+    done = subprocess.run(
+        [binary, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
         capture_output=True,
         text=True,
         timeout=duration + 30,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
-    errors = 0
-    if match := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors += int(match.group(1))
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    out = done.stdout
+    socket_errors = 0
     if match := re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
     ):
-        errors += sum(int(g) for g in match.groups())
-    return WrkResult(name, rps, p50, p99, errors)
+        socket_errors = sum(int(g) for g in match.groups())
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return WrkResult(
+        name=name,
+        rps=float(_find(r"Requests/sec:\s+([\d.]+)", out)),
+        p50_ms=_ms(_find(r"^\s+50%\s+(\S+)", out)),
+        p99_ms=_ms(_find(r"^\s+99%\s+(\S+)", out)),
+        requests=int(_find(r"^\s+(\d+) requests in", out)),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=socket_errors,
+    )
 
 
-def table(results: list[WrkResult], direct: WrkResult, nginx_proxy: WrkResult) -> str:
-    rows = [
-        "| system | req/s | p50 ms | p99 ms | errors | vs direct | vs nginx proxy |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+# -- reporting -----------------------------------------------------------------------------
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table; columns after the first are right-aligned."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
     ]
-    for r in results:
-        rows.append(
-            f"| {r.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.errors} | "
-            f"{r.rps / direct.rps:.3f} | {r.rps / nginx_proxy.rps:.3f} |"
-        )
-    return "\n".join(rows)
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment() -> str:
+    """One line naming what was measured: versions, cores, load."""
+    names = ("httpx", "httpcore", "aiohttp", "httpx-aiohttp", "uvicorn", "uvloop", "fastapi")
+    versions = ", ".join(f"{n} {metadata.version(n)}" for n in names)
+    nginx_binary = shutil.which("nginx")
+    nginx_version = ""
+    if nginx_binary:
+        banner = subprocess.run([nginx_binary, "-v"], capture_output=True, text=True).stderr
+        nginx_version = f", {banner.strip().removeprefix('nginx version: ')}"
+    return (
+        f"Python {platform.python_version()}, {versions}{nginx_version}; "
+        f"{os.cpu_count()} CPUs, load average {load()}"
+    )
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
