@@ -125,6 +125,18 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "routes": [{"name": "demo", "prefix": "/", "upstream": "demo"}],
 }
 
+class LimitsConfig(_Strict):
+    """Bounds on what a client may send, enforced while the request is parsed."""
+
+    max_request_target_bytes: Annotated[int, Field(ge=16)] = 8192  # 414 beyond
+    max_header_bytes: Annotated[int, Field(ge=64)] = 65536  # names + values; 431 beyond
+    max_header_count: Annotated[int, Field(ge=1)] = 100  # 431 beyond
+    max_body_bytes: Annotated[int, Field(ge=0)] = 0  # 413 beyond; 0: unlimited
+    # %2F and %5C in a path are refused (400) unless this is set; then they stay encoded,
+    # are forwarded as sent and never separate segments for routing.
+    allow_encoded_slashes: bool = False
+
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -143,6 +155,7 @@ class Settings(BaseSettings):
     @classmethod
     def settings_customise_sources(
         cls,
+    limits: LimitsConfig = LimitsConfig()
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,

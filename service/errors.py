@@ -23,6 +23,9 @@ class Reason(StrEnum):
     RESET = "reset"
     NO_ROUTE = "no_route"
     BAD_REQUEST = "bad_request"
+    URI_TOO_LONG = "uri_too_long"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    BODY_TOO_LARGE = "body_too_large"
     INTERNAL = "internal"
 
 
@@ -45,8 +48,29 @@ FAILURES: dict[Reason, Failure] = {
     Reason.RESET: Failure(502, "connection_terminated", "upstream closed the connection"),
     Reason.NO_ROUTE: Failure(404, "destination_not_found", "no route for this request"),
     Reason.BAD_REQUEST: Failure(400, "http_request_error", "malformed request"),
+    Reason.URI_TOO_LONG: Failure(
+        414, "http_request_denied", "request target exceeds limits.max_request_target_bytes"
+    ),
+    Reason.HEADERS_TOO_LARGE: Failure(
+        431, "http_request_denied", "request header fields exceed limits.max_header_bytes"
+    ),
+    Reason.BODY_TOO_LARGE: Failure(
+        413, "http_request_denied", "request body exceeds limits.max_body_bytes"
+    ),
     Reason.INTERNAL: Failure(502, "proxy_internal_error", "proxy internal error"),
 }
+
+
+# Refusals of the client's request: not upstream failures, whichever route they came by.
+CLIENT_REASONS: frozenset[Reason] = frozenset(
+    {
+        Reason.NO_ROUTE,
+        Reason.BAD_REQUEST,
+        Reason.URI_TOO_LONG,
+        Reason.HEADERS_TOO_LARGE,
+        Reason.BODY_TOO_LARGE,
+    }
+)
 
 
 class StaleConnectionError(httpx.RemoteProtocolError):

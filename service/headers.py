@@ -6,6 +6,7 @@ Works on ASGI-style lists of ``(bytes, bytes)`` pairs so duplicates and order su
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,25 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 FORWARDED_NAMES: frozenset[bytes] = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
 )
+# Claims about the client or the original request that upstream software acts on (client
+# address, scheme, port, path prefix; X-Original-URL even reroutes some frameworks). Only a
+# trusted proxy may make them: from anyone else they are dropped.
+CLAIMED_NAMES: frozenset[bytes] = frozenset(
+    {
+        b"x-real-ip",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+    }
+)
+# An authority without userinfo, path or anything that needs decoding: reg-name in LDH
+# form (plus "_") or a bracketed IPv6 literal, then an optional port.
+_HOST = re.compile(rb"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 TrustedNetworks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
@@ -69,6 +89,57 @@ def _joined(headers: RawHeaders, name: bytes) -> bytes | None:
     return b", ".join(values) if values else None
 
 
+def head_problem(headers: Iterable[tuple[bytes, bytes]], http_version: str) -> str | None:
+    """Why a request head's Host or framing fields must be refused (400), or None.
+
+    ``headers`` as the server parsed them (names lowercased). The proxy re-frames every body
+    it forwards, so only requests whose framing is unambiguous get that far (RFC 9112 6.1,
+    6.3): one Content-Length, or Transfer-Encoding exactly ``chunked`` in HTTP/1.1 and no
+    Content-Length. Host must be a single plain authority (RFC 9112 3.2).
+    """
+    hosts = lengths = 0
+    host: bytes | None = None
+    codings: list[bytes] = []
+    for name, value in headers:
+        if name == b"host":
+            hosts += 1
+            host = value
+        elif name == b"content-length":
+            lengths += 1
+        elif name == b"transfer-encoding":
+            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
+    if hosts > 1:
+        return "more than one Host"
+    if host is None:
+        if http_version != "1.0":
+            return "no Host"
+    elif not _HOST.fullmatch(host):
+        return "invalid Host"
+    if lengths > 1:
+        return "more than one Content-Length"
+    if codings:
+        if http_version != "1.1":
+            return "Transfer-Encoding outside HTTP/1.1"
+        if codings != [b"chunked"]:
+            return "Transfer-Encoding other than chunked"
+        if lengths:
+            return "both Transfer-Encoding and Content-Length"
+    return None
+
+
+def _forwarded_node(peer: str) -> bytes:
+    return f'"[{peer}]"'.encode() if ":" in peer else peer.encode()
+
+
+def _quoted(value: bytes) -> bytes:
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def _canonical_length(value: bytes) -> bytes | None:
+    value = value.strip()
+    return str(int(value)).encode() if value.isdigit() else None
+
+
 @dataclass(frozen=True)
 class RequestContext:
     """What the downstream connection tells us about a request."""
@@ -97,8 +168,19 @@ def upstream_request_headers(
     prior_proto = _first(headers, b"x-forwarded-proto") if trusted_peer else None
     prior_host = _first(headers, b"x-forwarded-host") if trusted_peer else None
     prior_via = _joined(headers, b"via")
+    prior_forwarded = _joined(headers, b"forwarded") if trusted_peer else None
 
-    out = [(n, v) for n, v in headers if n not in FORWARDED_NAMES and n not in (b"host", b"via")]
+    out = [
+        (n, v)
+        for n, v in headers
+        if n not in FORWARDED_NAMES
+        and n not in (b"host", b"via", b"content-length")
+        and (trusted_peer or n not in CLAIMED_NAMES)
+    ]
+    length = _first(headers, b"content-length")
+    if length is not None and (canonical := _canonical_length(length)) is not None:
+        # Canonical digits ("005" is 5): the upstream must read the same length we framed.
+        out.append((b"content-length", canonical))
     host = ctx.host if preserve_host and ctx.host else upstream_authority
     out.insert(0, (b"host", host))
 
@@ -113,6 +195,14 @@ def upstream_request_headers(
     forwarded_host = prior_host or ctx.host
     if forwarded_host:
         out.append((b"x-forwarded-host", forwarded_host))
+    if prior_forwarded:
+        # RFC 7239: a trusted proxy's list, with this hop's element appended.
+        element = b"proto=" + ctx.scheme.encode()
+        if ctx.peer is not None:
+            element = b"for=" + _forwarded_node(ctx.peer) + b";" + element
+        if ctx.host:
+            element += b";host=" + _quoted(ctx.host)
+        out.append((b"forwarded", prior_forwarded + b", " + element))
     return out
 
 

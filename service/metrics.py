@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .exchange import Exchange
 from .upstreams import PoolSnapshot
+from .errors import CLIENT_REASONS
 
 PREFIX = "relay"
 NO_UPSTREAM = "-"  # label value for requests that matched no route
@@ -240,7 +241,7 @@ class Metrics:
             self.disconnects.labels(
                 upstream, exchange.disconnect_side.value, exchange.disconnect_phase.value
             ).inc()
-        if exchange.reason is not None:
+        if exchange.reason is not None and exchange.reason not in CLIENT_REASONS:
             self.errors.labels(upstream, exchange.reason.value).inc()
         if exchange.request_bytes:
             self.request_bytes.labels(upstream).inc(exchange.request_bytes)

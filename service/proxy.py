@@ -27,6 +27,7 @@ from .headers import (
     has_body,
     upstream_request_headers,
 )
+from .limits import BodyTooLarge
 from .routing import Router, rewrite_path
 from .upstreams import Upstream, UpstreamSet
 
@@ -46,7 +47,7 @@ class ClientChannel:
     finished; until then the body reader is the one that sees ``http.disconnect``.
     """
 
-    def __init__(self, receive: Receive, exchange: Exchange) -> None:
+    def __init__(self, receive: Receive, exchange: Exchange, max_body: int = 0) -> None:
         self._receive = receive
         self._exchange = exchange
         self.gone = False
@@ -56,6 +57,7 @@ class ClientChannel:
         self._body_done.set()
 
     async def body(self) -> AsyncIterator[bytes]:
+        self._max_body = max_body  # 0: unlimited
         try:
             while True:
                 message = await self._receive()
@@ -64,7 +66,10 @@ class ClientChannel:
                     raise ClientDisconnected("client disconnected during the request body")
                 chunk: bytes = message.get("body", b"")
                 if chunk:
-                    self._exchange.request_bytes += len(chunk)
+                    size = self._exchange.request_bytes + len(chunk)
+                    if self._max_body and size > self._max_body:
+                        raise BodyTooLarge("request body exceeds limits.max_body_bytes")
+                    self._exchange.request_bytes = size
                     yield chunk
                 if not message.get("more_body", False):
                     return
@@ -112,6 +117,7 @@ class Proxy:
                 await send({"type": "websocket.close", "code": 1003})
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        self._max_body = settings.limits.max_body_bytes
         host = next((v.decode("latin-1") for n, v in headers if n == b"host"), None)
         path: str = scope["path"]
         # "." and ".." segments are refused: the upstream client would remove them from the
@@ -133,7 +139,7 @@ class Proxy:
                 await self._send_error(send, exchange, reason, None)
                 return
             upstream = self._upstreams()[route.upstream]
-            channel = ClientChannel(receive, exchange)
+            channel = ClientChannel(receive, exchange, self._max_body)
             await self._exchange(scope, route, upstream, channel, send, exchange)
             if exchange.disconnect_side is Side.CLIENT and exchange.status is None:
                 exchange.status = CLIENT_CLOSED_REQUEST
@@ -233,6 +239,10 @@ class Proxy:
             return
         except Exception:
             log.exception("unexpected failure forwarding to %s", upstream.name)
+        except BodyTooLarge:
+            # Raised by the body reader inside the upstream request, which it aborts.
+            await self._send_error(send, exchange, Reason.BODY_TOO_LARGE, upstream.name)
+            return
             await self._send_error(send, exchange, Reason.INTERNAL, upstream.name)
             return
         try:
@@ -309,6 +319,9 @@ class Proxy:
             "status": failure.status,
             "headers": headers,
         }
+        elif reason is Reason.BODY_TOO_LARGE:
+            # The rest of the body stays unread: this connection cannot carry another request.
+            headers.append((b"connection", b"close"))
         await send(start)
         exchange.response_started = True
         exchange.response_complete = True

@@ -58,6 +58,8 @@ async def proxied(transport: str) -> AsyncIterator[tuple[RunningRelay, ScriptedU
                 {"prefix": "/", "upstream": "b", "host": "*.wild.example"},
                 {"prefix": "/", "upstream": "a"},
             ],
+            # Some targets below carry %2F, which is refused by default.
+            "limits": {"allow_encoded_slashes": True},
         }
         async with run_relay(config) as running:
             yield running, upstream
