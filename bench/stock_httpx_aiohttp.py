@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import httpx
-from fastapi import FastAPI
 from httpx_aiohttp import AiohttpTransport
 
 from service.app import Relay
@@ -66,16 +65,16 @@ async def swap_to_stock(upstream: Upstream) -> None:
 
 def build_relay(relay: Relay) -> Relay:
     """Wrap the proxy app's lifespan so the swap happens inside the running event loop."""
-    original = relay.proxy_app.router.lifespan_context
+    original = relay.router.lifespan_context
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: object) -> AsyncIterator[None]:
         async with original(app):
             for upstream in relay.upstreams().values():
                 await swap_to_stock(upstream)
             yield
 
-    relay.proxy_app.router.lifespan_context = lifespan
+    relay.router.lifespan_context = lifespan
     return relay
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -98,6 +100,30 @@ def _pool_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricF
             f"{PREFIX}_pool_waiting_requests", _POOL_HELP["waiting_requests"], labels=["upstream"]
         ),
     )
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """A metric's label children, each looked up once.
+
+    ``labels()`` validates, stringifies and takes a lock on every call; on the hot path
+    that was several calls per request for a handful of distinct label sets (bounded by
+    the config), so the children are kept here.
+    """
+
+    __slots__ = ("_cache", "metric")
+
+    def __init__(self, metric: M) -> None:
+        self.metric = metric
+        self._cache: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self.metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -171,6 +197,13 @@ class Metrics:
         self.build_info.labels(__version__, platform.python_version()).set(1)
         self._snapshots = snapshots
         if self.multiprocess:
+        self._requests = Children(self.requests)
+        self._duration = Children(self.duration)
+        self._headers_latency = Children(self.headers_latency)
+        self._in_flight = Children(self.in_flight)
+        self._pool_wait = Children(self.pool_wait_seconds)
+        self._request_bytes = Children(self.request_bytes)
+        self._response_bytes = Children(self.response_bytes)
             self._pool_connections = Gauge(
                 f"{PREFIX}_pool_connections", _POOL_HELP["connections"], ["upstream", "state"],
                 registry=reg, multiprocess_mode="livesum",
@@ -193,7 +226,7 @@ class Metrics:
 
     # -- pool observer (called from the pool gate) --------------------------------------
     def pool_wait(self, upstream: str, seconds: float) -> None:
-        self.pool_wait_seconds.labels(upstream).observe(seconds)
+        self._pool_wait(upstream).observe(seconds)
 
     def pool_timeout(self, upstream: str) -> None:
         self.pool_timeouts.labels(upstream).inc()
@@ -214,11 +247,11 @@ class Metrics:
     # -- exchange observer (called by the proxy) ------------------------------------------
     def started(self, exchange: Exchange) -> None:
         if exchange.upstream is not None:
-            self.in_flight.labels(exchange.upstream).inc()
+            self._in_flight(exchange.upstream).inc()
 
     def headers(self, exchange: Exchange) -> None:
         if exchange.upstream is not None and exchange.headers_seconds is not None:
-            self.headers_latency.labels(exchange.upstream, exchange.route or NO_UPSTREAM).observe(
+            self._headers_latency(exchange.upstream, exchange.route or NO_UPSTREAM).observe(
                 exchange.headers_seconds, exemplar=self._exemplar_now()
             )
 
@@ -229,12 +262,12 @@ class Metrics:
         upstream = exchange.upstream or NO_UPSTREAM
         route = exchange.route or NO_UPSTREAM
         code = str(exchange.status) if exchange.status is not None else "0"
-        self.requests.labels(upstream, route, fold_method(exchange.method), code).inc()
+        self._requests(upstream, route, fold_method(exchange.method), code).inc()
         if exchange.upstream is None:
             return
-        self.in_flight.labels(upstream).dec()
+        self._in_flight(upstream).dec()
         if exchange.total_seconds is not None:
-            self.duration.labels(upstream, route).observe(
+            self._duration(upstream, route).observe(
                 exchange.total_seconds, exemplar=self._exemplar_now()
             )
         if exchange.disconnect_side is not None and exchange.disconnect_phase is not None:
@@ -244,9 +277,9 @@ class Metrics:
         if exchange.reason is not None and exchange.reason not in CLIENT_REASONS:
             self.errors.labels(upstream, exchange.reason.value).inc()
         if exchange.request_bytes:
-            self.request_bytes.labels(upstream).inc(exchange.request_bytes)
+            self._request_bytes(upstream).inc(exchange.request_bytes)
         if exchange.response_bytes:
-            self.response_bytes.labels(upstream).inc(exchange.response_bytes)
+            self._response_bytes(upstream).inc(exchange.response_bytes)
 
     def _exemplar_now(self) -> dict[str, str] | None:
         return self._exemplar() if self._exemplar is not None else None

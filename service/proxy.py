@@ -29,11 +29,18 @@ from .headers import (
 )
 from .limits import BodyTooLarge
 from .routing import Router, rewrite_path
-from .upstreams import Upstream, UpstreamSet
+from .upstreams import Body, Upstream, UpstreamSet
 
 log = logging.getLogger("relay.proxy")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
+
+
+def _host(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"host":
+            return value
+    return None
 
 
 class ClientDisconnected(Exception):
@@ -50,6 +57,7 @@ class ClientChannel:
     def __init__(self, receive: Receive, exchange: Exchange, max_body: int = 0) -> None:
         self._receive = receive
         self._exchange = exchange
+        self._max_body = max_body  # 0: unlimited
         self.gone = False
         self._body_done = asyncio.Event()
 
@@ -57,7 +65,6 @@ class ClientChannel:
         self._body_done.set()
 
     async def body(self) -> AsyncIterator[bytes]:
-        self._max_body = max_body  # 0: unlimited
         try:
             while True:
                 message = await self._receive()
@@ -110,6 +117,7 @@ class Proxy:
         self._observer = observer
         self._via = settings.server.name.encode()
         self._trusted = settings.server.trusted_proxies
+        self._max_body = settings.limits.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,8 +125,8 @@ class Proxy:
                 await send({"type": "websocket.close", "code": 1003})
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        self._max_body = settings.limits.max_body_bytes
-        host = next((v.decode("latin-1") for n, v in headers if n == b"host"), None)
+        raw_host = _host(headers)
+        host = raw_host.decode("latin-1") if raw_host is not None else None
         path: str = scope["path"]
         # "." and ".." segments are refused: the upstream client would remove them from the
         # target after routing, so "/public/../admin" would match the /public route and then
@@ -185,7 +193,7 @@ class Proxy:
     ) -> httpx.Request:
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         client = scope.get("client")
-        host = next((v for n, v in raw_headers if n == b"host"), None)
+        host = _host(raw_headers)
         ctx = RequestContext(
             peer=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
@@ -205,15 +213,12 @@ class Proxy:
         target = upstream.base_path + rewrite_path(route, raw_path)
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
-        url = upstream.base_url.copy_with(raw_path=target)
-        content: AsyncIterator[bytes] | None = None
+        body: Body | None = None
         if has_body(raw_headers):
-            content = channel.body()
+            body = Body(channel.body())
         else:
             channel.no_body()
-        return upstream.client.build_request(
-            scope["method"], url, headers=out_headers, content=content
-        )
+        return upstream.request(scope["method"], target, out_headers, body)
 
     async def _forward(
         self,
@@ -226,7 +231,7 @@ class Proxy:
     ) -> None:
         try:
             request = self._build_request(scope, route, upstream, channel)
-            response = await upstream.client.send(request, stream=True)
+            response = await upstream.send(request)
             if not 200 <= response.status_code <= 599:
                 # Not a final status the proxy can forward (e.g. 101 to a request whose
                 # Upgrade was stripped, or 600+): the ASGI server would fail on it.
@@ -234,15 +239,15 @@ class Proxy:
                 raise httpx.RemoteProtocolError(f"invalid final status {response.status_code}")
         except ClientDisconnected:
             return
+        except BodyTooLarge:
+            # Raised by the body reader inside the upstream request, which it aborts.
+            await self._send_error(send, exchange, Reason.BODY_TOO_LARGE, upstream.name)
+            return
         except httpx.HTTPError as exc:
             await self._upstream_failed(send, exchange, exc, upstream.name)
             return
         except Exception:
             log.exception("unexpected failure forwarding to %s", upstream.name)
-        except BodyTooLarge:
-            # Raised by the body reader inside the upstream request, which it aborts.
-            await self._send_error(send, exchange, Reason.BODY_TOO_LARGE, upstream.name)
-            return
             await self._send_error(send, exchange, Reason.INTERNAL, upstream.name)
             return
         try:
@@ -263,7 +268,7 @@ class Proxy:
                 }
             )
             exchange.response_started = True
-            async for chunk in response.aiter_raw():
+            async for chunk in response.stream:  # type: ignore[union-attr]
                 exchange.response_bytes += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             exchange.response_complete = True
@@ -314,14 +319,14 @@ class Proxy:
         if reason is Reason.POOL_TIMEOUT:
             retry_after = str(self._settings.server.retry_after_seconds).encode()
             headers.append((b"retry-after", retry_after))
+        elif reason is Reason.BODY_TOO_LARGE:
+            # The rest of the body stays unread: this connection cannot carry another request.
+            headers.append((b"connection", b"close"))
         start: Message = {
             "type": "http.response.start",
             "status": failure.status,
             "headers": headers,
         }
-        elif reason is Reason.BODY_TOO_LARGE:
-            # The rest of the body stays unread: this connection cannot carry another request.
-            headers.append((b"connection", b"close"))
         await send(start)
         exchange.response_started = True
         exchange.response_complete = True
