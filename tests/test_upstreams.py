@@ -91,7 +91,7 @@ async def retries(relay: RunningRelay) -> float:
 @pytest.mark.parametrize("close", ["fin", "rst"])
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS"])
 async def test_idempotent_request_retried_once_on_stale_connection(
-    upstream: ScriptedUpstream, relay_to: StartRelay, method: str, close: str
+    upstream: ScriptedUpstream, relay_to: StartRelay, transport: str, method: str, close: str
 ) -> None:
     upstream.handlers["/s"] = stale_after_first(reset=close == "rst")
     relay = await relay_to(upstream.url)
@@ -103,7 +103,9 @@ async def test_idempotent_request_retried_once_on_stale_connection(
     assert await retries(relay) == 1
     assert pool_settled(relay)
     assert [r.method for r in upstream.seen] == ["GET", method, method]
-    await eventually(lambda: upstream.closed_connections == 1)  # the stale one
+    # The stale one; with httpcore also the retry's own connection, which is never pooled.
+    closed = 1 if transport == "aiohttp" else 2
+    await eventually(lambda: upstream.closed_connections == closed)
     assert upstream.peak_connections == 1  # the retry's connection came after it
 
 
