@@ -50,6 +50,9 @@ class PoolConfig(_Strict):
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
     max_keepalive_connections: Annotated[int, Field(ge=0, le=100_000)] = 100
     keepalive_expiry_seconds: Seconds = 30.0
+    # Requests that may wait for a free connection; beyond, 503 at once rather than a wait
+    # that would end in a pool timeout anyway (0: no queue; null: unbounded).
+    max_waiting: Annotated[int, Field(ge=0)] | None = 1000
 
     @model_validator(mode="after")
     def _keepalive_within_max(self) -> PoolConfig:
@@ -105,6 +108,9 @@ class ServerConfig(_Strict):
     backlog: Annotated[int, Field(ge=1)] = 2048
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     retry_after_seconds: Annotated[int, Field(ge=0)] = 1
+    # uvicorn answers 503 to a request arriving while this many client connections (idle
+    # keep-alive ones and its own included) are open or requests run: null or 0, no limit.
+    limit_concurrency: Annotated[int, Field(ge=0)] | None = None
 
 
 class LogConfig(_Strict):
@@ -119,12 +125,6 @@ class DemoConfig(_Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 8081
 
 
-DEFAULT_CONFIG: dict[str, Any] = {
-    "demo": {"enabled": True, "host": "127.0.0.1", "port": 8081},
-    "upstreams": {"demo": {"url": "http://127.0.0.1:8081"}},
-    "routes": [{"name": "demo", "prefix": "/", "upstream": "demo"}],
-}
-
 class LimitsConfig(_Strict):
     """Bounds on what a client may send, enforced while the request is parsed."""
 
@@ -136,6 +136,12 @@ class LimitsConfig(_Strict):
     # are forwarded as sent and never separate segments for routing.
     allow_encoded_slashes: bool = False
 
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "demo": {"enabled": True, "host": "127.0.0.1", "port": 8081},
+    "upstreams": {"demo": {"url": "http://127.0.0.1:8081"}},
+    "routes": [{"name": "demo", "prefix": "/", "upstream": "demo"}],
+}
 
 
 class Settings(BaseSettings):
@@ -149,13 +155,13 @@ class Settings(BaseSettings):
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
+    limits: LimitsConfig = LimitsConfig()
     upstreams: dict[Name, UpstreamConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
 
     @classmethod
     def settings_customise_sources(
         cls,
-    limits: LimitsConfig = LimitsConfig()
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
         env_settings: PydanticBaseSettingsSource,

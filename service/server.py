@@ -18,14 +18,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Relay
 from .config import Settings
 from .demo import create_demo_app
+from .limits import guarded_protocol
 from .logs import install_abort_filter
 from .tracing import Tracing
 
 log = logging.getLogger("relay.server")
+
+# How long a connection accepted just before the listener closed may take to send its
+# request head once the drain has begun.
+FRESH_CONNECTION_GRACE_SECONDS = 1.0
 
 
 class _Server(uvicorn.Server):
@@ -34,6 +40,38 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _DrainSafe(HttpToolsProtocol):
+    """When the listener closes, uvicorn closes every connection with no request under way.
+
+    A connection accepted just before has its request on the way, or already in the socket
+    unread: closing it would reset a request the client sent to an open listener. So such a
+    connection gets ``FRESH_CONNECTION_GRACE_SECONDS`` for its request head, and that one
+    request is served, with ``Connection: close``.
+    """
+
+    _draining = False
+
+    def shutdown(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self._draining = True
+            self.loop.call_later(FRESH_CONNECTION_GRACE_SECONDS, self._close_if_no_request)
+            return
+        super().shutdown()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def _close_if_no_request(self) -> None:
+        if self.cycle is None:
+            self.transport.close()
+
+
+def _drain_safe(protocol: type[HttpToolsProtocol]) -> type[HttpToolsProtocol]:
+    return type(f"DrainSafe{protocol.__name__}", (_DrainSafe, protocol), {})
 
 
 def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
@@ -80,7 +118,13 @@ class Service:
                 lifespan="on",
                 backlog=server.backlog,
                 timeout_graceful_shutdown=server.grace_period_seconds,
-                http="httptools",
+                # httptools, with the request limits and hostile-input checks.
+                http=_drain_safe(
+                    guarded_protocol(
+                        settings.limits, server_name=server.name, observer=self.relay.observers
+                    )
+                ),
+                limit_concurrency=server.limit_concurrency or None,
             )
         )
         self.admin_server = _Server(
@@ -138,4 +182,9 @@ def serve_forever(settings: Settings, sockets: Listeners | None = None) -> None:
     """Run one worker's event loop until it has drained."""
     import uvloop
 
-    uvloop.run(Service(settings).serve(sockets))
+    try:
+        uvloop.run(Service(settings).serve(sockets))
+    finally:
+        # Worker processes end without interpreter shutdown hooks: write buffered lines.
+        for handler in logging.getLogger().handlers:
+            handler.flush()

@@ -251,6 +251,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
         max_connections: int,
         pool_timeout: float | None,
         observer: PoolObserver,
+        max_waiting: int | None = None,
         wrap: TransportWrapper | None = None,
     ) -> None:
         self.name = name
@@ -260,7 +261,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
         self._send: _Inner | httpx.AsyncBaseTransport = inner
         if wrap is not None:
             self._send = wrap(name, cast(httpx.AsyncBaseTransport, inner))
-        self._gate = Gate(max_connections)
+        self._gate = Gate(max_connections, max_waiting)
         # Transports whose request or close path breaks when cancelled (httpcore).
         self._fragile = not isinstance(inner, AiohttpTransport)
         self._orphans: set[asyncio.Future[Any]] = set()
@@ -310,9 +311,9 @@ class GatedTransport(httpx.AsyncBaseTransport):
             if request.method not in IDEMPOTENT_METHODS or not replayable:
                 raise
             self._observer.retry(self.name, request.method)
-            return await self._attempt(request, lease)
             info = attempt_of(request)
             info.fresh, info.reused = True, False
+            return await self._attempt(request, lease)
 
     async def _attempt(self, request: httpx.Request, lease: _Lease) -> httpx.Response:
         if not self._fragile:
@@ -404,6 +405,7 @@ class Upstream:
             inner,
             max_connections=config.pool.max_connections,
             pool_timeout=config.timeouts.pool,
+            max_waiting=config.pool.max_waiting,
             observer=observer,
             wrap=wrap,
         )
@@ -418,6 +420,32 @@ class Upstream:
         # httpx's defaults (User-Agent, Accept, Accept-Encoding, Connection) would be
         # merged into every proxied request.
         self.client.headers.clear()
+        self.timeouts: dict[str, float | None] = self.client.timeout.as_dict()
+
+    def request(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: Body | None
+    ) -> httpx.Request:
+        """The upstream request: ``target`` is the raw path and query, sent as is."""
+        url = self.base_url.copy_with(raw_path=target)
+        extensions = {"timeout": self.timeouts}
+        if body is None:
+            return httpx.Request(method, url, headers=headers, extensions=extensions)
+        if not any(name == b"content-length" for name, _ in headers):
+            # The framing httpx itself would choose for a stream of unknown length.
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        return httpx.Request(method, url, headers=headers, stream=body, extensions=extensions)
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """Send through the client's transport chain (gate, retry, tracing, pool).
+
+        What ``AsyncClient.send`` adds on top (auth flows, redirects, cookie jars, event
+        hooks) is all off for a proxy, and it cost about a tenth of a proxied request's CPU
+        (profiled), so the proxy calls the transport the client owns directly. The response
+        is the transport's; closing it returns the connection and the gate slot.
+        """
+        response = await self.transport.handle_async_request(request)
+        response.request = request
+        return response
 
     def snapshot(self) -> PoolSnapshot:
         return self.transport.snapshot()
@@ -451,29 +479,3 @@ class UpstreamSet:
     async def close(self) -> None:
         for upstream in self._upstreams.values():
             await upstream.client.aclose()
-        self.timeouts: dict[str, float | None] = self.client.timeout.as_dict()
-
-    def request(
-        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: Body | None
-    ) -> httpx.Request:
-        """The upstream request: ``target`` is the raw path and query, sent as is."""
-        url = self.base_url.copy_with(raw_path=target)
-        extensions = {"timeout": self.timeouts}
-        if body is None:
-            return httpx.Request(method, url, headers=headers, extensions=extensions)
-        if not any(name == b"content-length" for name, _ in headers):
-            # The framing httpx itself would choose for a stream of unknown length.
-            headers = [*headers, (b"transfer-encoding", b"chunked")]
-        return httpx.Request(method, url, headers=headers, stream=body, extensions=extensions)
-
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send through the client's transport chain (gate, retry, tracing, pool).
-
-        What ``AsyncClient.send`` adds on top (auth flows, redirects, cookie jars, event
-        hooks) is all off for a proxy, and it cost about a tenth of a proxied request's CPU
-        (profiled), so the proxy calls the transport the client owns directly. The response
-        is the transport's; closing it returns the connection and the gate slot.
-        """
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        return response
