@@ -1,9 +1,9 @@
 """OpenTelemetry tracing, configured only by the standard ``OTEL_*`` variables.
 
-One server span per proxied request (FastAPI instrumentation, covering the whole streamed
-response) and one client span per upstream attempt (httpx instrumentation wrapped around
-the transport *inside* the retry policy, so a retried request shows two attempts). The
-client span's context is what goes upstream in ``traceparent``.
+One server span per proxied request (covering the whole streamed response) and one client
+span per upstream attempt (an httpx transport wrapper *inside* the retry policy, so a
+retried request shows two attempts); see ``spans``. The client span's context is what goes
+upstream in ``traceparent``.
 
 Tracing is on when an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER`` names an exporter, and
@@ -21,17 +21,16 @@ import os
 from collections.abc import Callable
 
 import httpx
-from fastapi import FastAPI
 from opentelemetry import trace
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport, RequestInfo
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
+from starlette.types import ASGIApp
 
 from .errors import FAILURES
 from .exchange import Exchange, Side
+from .spans import ClientSpans, ServerSpans
 
 log = logging.getLogger("relay.tracing")
 
@@ -73,28 +72,20 @@ class Tracing:
         # Sampler: the SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG itself.
         self.provider = TracerProvider(resource=Resource.create(attributes))
         self.provider.add_span_processor(processor)
+        self._tracer = self.provider.get_tracer("relay")
 
     @classmethod
     def from_env(cls) -> Tracing | None:
         exporter = exporter_from_env()
         return cls(BatchSpanProcessor(exporter)) if exporter is not None else None
 
-    def instrument_app(self, app: FastAPI) -> None:
-        # No per-chunk "http send"/"http receive" spans: one span per exchange.
-        FastAPIInstrumentor.instrument_app(
-            app, tracer_provider=self.provider, exclude_spans=["receive", "send"]
-        )
+    def instrument_app(self, app: ASGIApp) -> ASGIApp:
+        return ServerSpans(app, self._tracer)
 
     def wrap_transport(
         self, upstream: str, inner: httpx.AsyncBaseTransport
     ) -> httpx.AsyncBaseTransport:
-        async def request_hook(span: Span, request: RequestInfo) -> None:
-            if span.is_recording():
-                span.set_attribute("relay.upstream", upstream)
-
-        return AsyncOpenTelemetryTransport(
-            inner, tracer_provider=self.provider, request_hook=request_hook
-        )
+        return ClientSpans(inner, self._tracer, upstream)
 
     def shutdown(self) -> None:
         self.provider.shutdown()

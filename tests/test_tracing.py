@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tests.harness import (
     closed_port,
     endless_stream,
     eventually,
+    one_upstream,
     raw_request,
     respond,
     run_relay,
@@ -211,6 +213,10 @@ def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(tmp_path: Path) ->
                 f"{relay.admin_url}/metrics", headers={"accept": "application/openmetrics-text"}
             ).text
             spans = receiver.wait_for(lambda s: len([x for x in s if x.trace_id == trace_id]) >= 2)
+            # Access lines are written in batches, at most 100 ms after the exchange.
+            deadline = time.monotonic() + 5
+            while '"relay.access"' not in relay.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
             log_lines = [
                 json.loads(line) for line in relay.log().splitlines() if line.startswith("{")
             ]
@@ -257,3 +263,52 @@ def test_every_worker_exports_its_own_spans(tmp_path: Path) -> None:
                 return sent <= {s.trace_id for s in spans if s.kind == 2}
 
             receiver.wait_for(all_arrived)
+
+
+async def test_unsampled_requests_still_carry_trace_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sampled out: nothing recorded, but the upstream still joins the caller's trace, with
+    # the sampled flag off, so its own spans follow the same decision.
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    exporter = InMemorySpanExporter()
+    upstream = ScriptedUpstream({"/ok": respond(200, b"ok")})
+    inbound = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+    async with (
+        upstream.running(),
+        run_relay(
+            one_upstream(upstream.url), tracing=Tracing(SimpleSpanProcessor(exporter))
+        ) as running,
+        httpx.AsyncClient() as client,
+    ):
+        response = await client.get(f"{running.url}/ok")
+        assert response.status_code == 200, response.text
+        await client.get(f"{running.url}/ok", headers={"traceparent": inbound})
+    fresh, continued = (r.headers["traceparent"] for r in upstream.seen[-2:])
+    match = TRACEPARENT.match(fresh)
+    assert match, fresh
+    assert continued.startswith("00-0af7651916cd43dd8448eb211c80319c-") and continued != inbound
+    assert all(int(sent[-2:], 16) & 1 == 0 for sent in (fresh, continued))  # not sampled
+    assert exporter.get_finished_spans() == ()
+
+
+async def test_sampled_spans_carry_http_attributes(
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+) -> None:
+    running, _, exporter = traced
+    async with httpx.AsyncClient() as client:
+        await client.get(f"{running.url}/ok?q=1", headers={"user-agent": "probe/1"})
+    await eventually(lambda: len(exporter.get_finished_spans()) == 2)
+    spans = exporter.get_finished_spans()
+    (server,) = by_kind(spans, SpanKind.SERVER)
+    (client_span,) = by_kind(spans, SpanKind.CLIENT)
+    assert server.attributes is not None and client_span.attributes is not None
+    assert server.attributes["http.request.method"] == "GET"
+    assert server.attributes["url.path"] == "/ok"
+    assert server.attributes["url.query"] == "q=1"
+    assert server.attributes["user_agent.original"] == "probe/1"
+    assert server.attributes["client.address"] == "127.0.0.1"
+    assert client_span.attributes["http.request.method"] == "GET"
+    assert str(client_span.attributes["url.full"]).endswith("/ok?q=1")
+    assert client_span.attributes["server.address"] == "127.0.0.1"

@@ -1,0 +1,156 @@
+"""The proxy's two spans: a server span per exchange, a client span per upstream attempt.
+
+OpenTelemetry's SDK (tracer provider, samplers, W3C propagator, batch export) does the
+tracing; this module only decides where spans start and end. The stock ASGI and httpx
+instrumentations did the same job at about 200 microseconds per request even when the
+request was not sampled (they build every attribute and re-parse the URL before the
+sampler is asked, and wrap every send and receive): as much as the proxying itself. Here
+an unsampled request costs a context extract, a sampler call and an inject, and attributes
+are built only for spans that record. Attribute names follow the stable HTTP semantic
+conventions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class _ScopeHeaders(Getter[Scope]):
+    """Reads ``traceparent``/``tracestate`` straight from the ASGI header list."""
+
+    def get(self, carrier: Scope, key: str) -> list[str] | None:
+        name = key.encode()
+        values = [v.decode("latin-1") for n, v in carrier["headers"] if n == name]
+        return values or None
+
+    def keys(self, carrier: Scope) -> list[str]:
+        return [n.decode("latin-1") for n, _ in carrier["headers"]]
+
+
+_SCOPE_HEADERS = _ScopeHeaders()
+
+
+class ServerSpans:
+    """ASGI middleware: one server span around each HTTP exchange, made current for it.
+
+    The span ends when the application returns, so it covers the streamed body too. The
+    proxy names it after the route and records its outcome (``tracing.TracingObserver``).
+    """
+
+    def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
+        self.app = app
+        self._tracer = tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        parent = _PROPAGATOR.extract(scope, getter=_SCOPE_HEADERS)
+        span = self._tracer.start_span(scope["method"], context=parent, kind=SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        recording = span.is_recording()
+        downstream = send
+        if recording:
+            span.set_attributes(_server_attributes(scope))
+
+            async def downstream(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status: int = message["status"]
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                await send(message)
+
+        try:
+            await self.app(scope, receive, downstream)
+        except Exception as exc:
+            if recording:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            span.end()
+            otel_context.detach(token)
+
+
+def _server_attributes(scope: Scope) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        "http.request.method": scope["method"],
+        "url.scheme": scope.get("scheme", "http"),
+        "url.path": scope["path"],
+        "network.protocol.version": scope.get("http_version", "1.1"),
+    }
+    if scope.get("query_string"):
+        attributes["url.query"] = scope["query_string"].decode("latin-1")
+    client = scope.get("client")
+    if client:
+        attributes["client.address"] = client[0]
+        attributes["client.port"] = client[1]
+    for name, value in scope["headers"]:
+        if name == b"host":
+            attributes["server.address"] = value.decode("latin-1").rsplit(":", 1)[0]
+        elif name == b"user-agent":
+            attributes["user_agent.original"] = value.decode("latin-1")
+    return attributes
+
+
+class ClientSpans(httpx.AsyncBaseTransport):
+    """An httpx transport wrapper: one client span per request sent, context sent along.
+
+    The span ends with the response headers (the body belongs to the server span), as in
+    the stock httpx instrumentation. ``traceparent`` is sent upstream whether or not the
+    span is sampled, so the upstream continues the same trace and sampling decision.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, tracer: Tracer, upstream: str) -> None:
+        self._inner = inner
+        self._tracer = tracer
+        self._upstream = upstream
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        span = self._tracer.start_span(request.method, kind=SpanKind.CLIENT)
+        recording = span.is_recording()
+        if recording:
+            url = request.url
+            span.set_attributes(
+                {
+                    "http.request.method": request.method,
+                    "url.full": str(url),
+                    "server.address": url.host,
+                    "server.port": url.port or (443 if url.scheme == "https" else 80),
+                    "relay.upstream": self._upstream,
+                }
+            )
+        _PROPAGATOR.inject(request.headers, context=trace.set_span_in_context(span))
+        try:
+            response = await self._inner.handle_async_request(request)
+        except Exception as exc:
+            if recording:
+                span.set_attribute("error.type", type(exc).__qualname__)
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            span.end()
+            raise
+        except BaseException:
+            span.end()  # cancelled: the client went away, the server span says so
+            raise
+        if recording:
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 400:
+                span.set_attribute("error.type", str(response.status_code))
+                span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
