@@ -89,3 +89,14 @@ def test_only_the_deliberate_abort_message_is_filtered(capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "without completing response" not in out
     assert "Exception in ASGI application" in out
+
+
+def test_concurrency_refusals_are_summarised(capsys: pytest.CaptureFixture[str]) -> None:
+    configure(LogConfig(format="text"))
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    for _ in range(500):
+        uvicorn_error.warning("Exceeded concurrency limit.")
+    uvicorn_error.warning("something else")
+    out = capsys.readouterr().out
+    assert out.count("Exceeded concurrency limit.") == 1
+    assert "something else" in out
