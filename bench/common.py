@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -104,9 +104,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def process(
-    args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None
+    args: Sequence[str], env: Mapping[str, str | None] | None = None, log: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A child in its own session (so its whole group can be stopped), stopped on exit."""
+    """A child in its own session (so its whole group can be stopped), stopped on exit.
+
+    ``env`` is added to this process's environment; a value of None removes the variable.
+    """
+    child_env = {**os.environ, **(env or {})}
     out = log.open("wb") if log is not None else subprocess.DEVNULL
     # preexec_fn: single-threaded callers only (the benchmarks are).
     try:
@@ -115,7 +119,7 @@ def process(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env={name: value for name, value in child_env.items() if value is not None},
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -206,8 +210,16 @@ def relay(
     *,
     max_connections: int = 100,
     pool_timeout: float = 5.0,
+    workers: int = 1,
+    access_log: bool = False,
+    env: Mapping[str, str | None] | None = None,
 ) -> Iterator[RelayProcess]:
-    """Relay as its own process: 1 worker, access log off, one upstream, one route."""
+    """Relay as its own process: one upstream, one route; 1 worker, access log off.
+
+    ``env`` is added last, so it can turn tracing on (e.g. ``OTEL_SDK_DISABLED=""`` and an
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``). With ``access_log`` the log level is INFO (access lines
+    are INFO records) and stdout, where they go, is the file ``RelayProcess.log``.
+    """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}")
     port, admin = free_port(), free_port()
@@ -218,11 +230,11 @@ def relay(
                 "port": port,
                 "admin_host": LOOPBACK,
                 "admin_port": admin,
-                "workers": 1,
+                "workers": workers,
                 "drain_delay_seconds": 0,
                 "grace_period_seconds": 1,
             },
-            "log": {"access_log": False, "level": "WARNING"},
+            "log": {"access_log": access_log, "level": "INFO" if access_log else "WARNING"},
             "upstreams": {
                 "up": {
                     "url": upstream_url,
@@ -238,14 +250,25 @@ def relay(
         }
         path = Path(tmp, "relay.yaml")
         path.write_text(yaml.safe_dump(config))
+        if transport == "stock" and workers != 1:
+            raise ValueError("the stock-transport harness runs one worker only")
         if transport == "stock":
             args = [sys.executable, str(BENCH / "stock_httpx_aiohttp.py")]
         else:
             args = [sys.executable, "-m", "service"]
-        # No tracing exporter, no multiprocess metrics: the plain single-worker service.
-        env = {"PYTHONPATH": str(ROOT), "OTEL_SDK_DISABLED": "true", "PROMETHEUS_MULTIPROC_DIR": ""}
+        # By default no tracing exporter and in-process metrics: the plain service.
+        # Several workers need a multiprocess metrics directory: a private one, never the
+        # shared default. One worker must not have the variable at all: prometheus-client
+        # turns multiprocess mode on when it is merely set, even empty (files in the cwd).
+        multiproc = str(Path(tmp, "prometheus")) if workers > 1 else None
+        child_env: dict[str, str | None] = {
+            "PYTHONPATH": str(ROOT),
+            "OTEL_SDK_DISABLED": "true",
+            "PROMETHEUS_MULTIPROC_DIR": multiproc,
+            **(env or {}),
+        }
         log = Path(tmp, "relay.log")
-        with process([*args, "--config", str(path)], env=env, log=log) as proc:
+        with process([*args, "--config", str(path)], env=child_env, log=log) as proc:
             try:
                 wait_ready(f"http://{LOOPBACK}:{admin}/readyz", proc)
             except RuntimeError:
@@ -314,6 +337,8 @@ class WrkResult:
     requests: int
     non_2xx: int
     socket_errors: int
+    # Of the socket errors: responses slower than wrk's timeout (left out of the latencies).
+    timeouts: int = 0
 
 
 def _ms(text: str) -> float:
@@ -331,23 +356,34 @@ def _find(pattern: str, text: str) -> str:
     return match.group(1)
 
 
-def wrk(name: str, url: str, duration: int, connections: int = 64, threads: int = 2) -> WrkResult:
+def wrk(
+    name: str,
+    url: str,
+    duration: int,
+    connections: int = 64,
+    threads: int = 2,
+    timeout: int | None = None,
+) -> WrkResult:
+    """One wrk run; ``timeout`` (s) replaces wrk's 2 s limit after which a request counts
+    as a socket error instead of a latency sample."""
     binary = need("wrk")
+    extra = [f"--timeout={timeout}s"] if timeout is not None else []
     done = subprocess.run(
-        [binary, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", url],
+        [binary, f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency", *extra, url],
         capture_output=True,
         text=True,
-        timeout=duration + 30,
+        timeout=duration + 30 + (timeout or 0),
         check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     out = done.stdout
-    socket_errors = 0
+    socket_errors = timeouts = 0
     if match := re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
     ):
         socket_errors = sum(int(g) for g in match.groups())
+        timeouts = int(match.group(4))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     return WrkResult(
         name=name,
@@ -357,6 +393,7 @@ def wrk(name: str, url: str, duration: int, connections: int = 64, threads: int 
         requests=int(_find(r"^\s+(\d+) requests in", out)),
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=socket_errors,
+        timeouts=timeouts,
     )
 
 
