@@ -118,6 +118,12 @@ class ClientSpans(httpx.AsyncBaseTransport):
         self._upstream = upstream
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        parent = trace.get_current_span()
+        if not parent.is_recording() and parent.get_span_context().is_valid:
+            # Sampled out: a child would be dropped as well (every standard sampler decides
+            # alike for one trace), so only the context goes upstream, with the same decision.
+            _PROPAGATOR.inject(request.headers, context=trace.set_span_in_context(parent))
+            return await self._inner.handle_async_request(request)
         span = self._tracer.start_span(request.method, kind=SpanKind.CLIENT)
         recording = span.is_recording()
         if recording:
