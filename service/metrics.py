@@ -34,9 +34,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .errors import CLIENT_REASONS
 from .exchange import Exchange
 from .upstreams import PoolSnapshot
-from .errors import CLIENT_REASONS
 
 PREFIX = "relay"
 NO_UPSTREAM = "-"  # label value for requests that matched no route
@@ -179,7 +179,9 @@ class Metrics:
             up, buckets=POOL_WAIT_BUCKETS, registry=reg,
         )  # fmt: skip
         self.pool_timeouts = Counter(
-            f"{PREFIX}_pool_timeouts", "Requests that found no free upstream connection in time.",
+            f"{PREFIX}_pool_timeouts",
+            "Requests refused (503) for want of an upstream connection: none free within the "
+            "pool timeout, or the wait queue full.",
             up, registry=reg,
         )  # fmt: skip
         self.request_bytes = Counter(
@@ -195,8 +197,6 @@ class Metrics:
             ["version", "python_version"], registry=reg, multiprocess_mode="max",
         )  # fmt: skip
         self.build_info.labels(__version__, platform.python_version()).set(1)
-        self._snapshots = snapshots
-        if self.multiprocess:
         self._requests = Children(self.requests)
         self._duration = Children(self.duration)
         self._headers_latency = Children(self.headers_latency)
@@ -204,6 +204,8 @@ class Metrics:
         self._pool_wait = Children(self.pool_wait_seconds)
         self._request_bytes = Children(self.request_bytes)
         self._response_bytes = Children(self.response_bytes)
+        self._snapshots = snapshots
+        if self.multiprocess:
             self._pool_connections = Gauge(
                 f"{PREFIX}_pool_connections", _POOL_HELP["connections"], ["upstream", "state"],
                 registry=reg, multiprocess_mode="livesum",
