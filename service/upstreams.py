@@ -24,6 +24,7 @@ import httpx
 from .config import UpstreamConfig
 from .errors import StaleConnectionError
 from .gate import Gate, GateTimeout
+from .httpcore_transport import HttpcoreTransport
 from .transport import AiohttpTransport, attempt_of
 
 TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
@@ -71,105 +72,6 @@ class _Inner(Protocol):
     async def __aenter__(self) -> object: ...
     async def aclose(self) -> None: ...
     def idle_connections(self) -> int: ...
-
-
-class HttpcoreTransport(httpx.AsyncHTTPTransport):
-    """httpx's default transport, plus what the gate and retry policy need from it."""
-
-    def __init__(self, *, verify: bool, **kwargs: Any) -> None:
-        super().__init__(verify=verify, **kwargs)
-        self._verify = verify
-
-    def idle_connections(self) -> int:
-        return sum(1 for c in self._pool.connections if c.is_idle())
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        info = attempt_of(request)
-        if info.fresh:
-            return await self._on_new_connection(request)
-        info.reused = True
-
-        async def trace(event: str, _: Mapping[str, object]) -> None:
-            if event.startswith("connection.connect_tcp."):
-                info.reused = False
-
-        request.extensions["trace"] = trace
-        try:
-            response = await super().handle_async_request(request)
-        except httpx.RemoteProtocolError as exc:
-            if info.reused and "without sending a response" in str(exc):
-                raise StaleConnectionError(str(exc)) from exc
-            raise
-        except (httpx.ReadError, httpx.WriteError) as exc:
-            # The same race when the upstream's close arrives as a reset (it had unread
-            # data: our request), as the aiohttp transport maps it.
-            if info.reused:
-                raise StaleConnectionError(str(exc)) from exc
-            raise
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _NoBytesPastTheEnd(response.stream)
-        return response
-
-    async def _on_new_connection(self, request: httpx.Request) -> httpx.Response:
-        """Send on a connection of its own, outside the pool, closed with the response.
-
-        httpcore's pool hands out an idle connection whenever it has one; this one counts
-        against the gate slot the request holds, like any other.
-        """
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=0)
-        transport = httpx.AsyncHTTPTransport(verify=self._verify, trust_env=False, limits=limits)
-        try:
-            response = await transport.handle_async_request(request)
-        except BaseException:
-            await transport.aclose()
-            raise
-        assert isinstance(response.stream, httpx.AsyncByteStream)
-        response.stream = _ClosingTransport(response.stream, transport)
-        return response
-
-
-class _ClosingTransport(httpx.AsyncByteStream):
-    def __init__(self, inner: httpx.AsyncByteStream, transport: httpx.AsyncHTTPTransport) -> None:
-        self._inner = inner
-        self._transport = transport
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            yield chunk
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            await self._transport.aclose()
-
-
-class _NoBytesPastTheEnd(httpx.AsyncByteStream):
-    """Closes the connection, instead of pooling it, when the upstream sent bytes past the
-    end of the response (say, a body longer than its Content-Length).
-
-    httpcore pools the connection with those bytes still in its parser's buffer and reads
-    them as the next request's response. Requests are never pipelined, so any such byte is
-    a protocol error.
-    """
-
-    def __init__(self, inner: httpx.AsyncByteStream) -> None:
-        self._inner = inner
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            yield chunk
-
-    async def aclose(self) -> None:
-        # httpx's stream -> httpcore's pool stream -> its HTTP/1.1 connection's stream.
-        pool_stream = getattr(self._inner, "_httpcore_stream", None)
-        connection = getattr(getattr(pool_stream, "_stream", None), "_connection", None)
-        parser: Any = getattr(connection, "_h11_state", None)
-        trailing = getattr(parser, "trailing_data", (b"", False))
-        if trailing[0]:
-            # Our side no longer DONE: httpcore closes the connection on release.
-            parser.send_failed()
-        await self._inner.aclose()
 
 
 class _GatedStream(httpx.AsyncByteStream):
