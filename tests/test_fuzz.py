@@ -37,7 +37,9 @@ from service.routing import Router, path_problem, rewrite_path, routing_path
 from tests.harness import RelayProcess, spawn_relay
 from tests.raw_upstream import RecordingUpstream, Seen, recording_upstream_thread
 
-FAST = settings(max_examples=300, deadline=None, database=None)
+# Derandomized: the same examples on every run, so a red CI always means a change broke
+# something. To explore further, run with a higher max_examples and derandomize off.
+FAST = settings(max_examples=300, deadline=None, database=None, derandomize=True)
 
 # -- headers ------------------------------------------------------------------------------
 
@@ -354,6 +356,7 @@ def live(
     max_examples=120,
     deadline=None,
     database=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(request_heads())
