@@ -131,3 +131,14 @@ def test_prometheus_scrapes_quantiles_and_exemplars(tmp_path: Path) -> None:
                 assert trace_ids, exemplars
         spans = receiver.wait_for(lambda s: any(x.trace_id in trace_ids for x in s))
         assert any(span.trace_id in trace_ids for span in spans)
+
+
+def test_empty_multiprocess_dir_means_single_process_metrics(tmp_path: Path) -> None:
+    before = set(Path.cwd().glob("*.db"))
+    with spawn_relay(demo_config(), tmp_path, {"PROMETHEUS_MULTIPROC_DIR": ""}) as relay:
+        for _ in range(5):
+            assert httpx.get(f"{relay.url}/").status_code == 200
+        text = httpx.get(f"{relay.admin_url}/metrics").text
+    assert value(samples(text), "relay_requests_total", upstream="demo", code="200") == 5
+    assert "process_resident_memory_bytes" in text  # only in single-process mode
+    assert set(Path.cwd().glob("*.db")) == before
