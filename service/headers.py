@@ -77,7 +77,7 @@ def peer_is_trusted(peer: str | None, trusted: TrustedNetworks) -> bool:
     return any(address in network for network in trusted)
 
 
-def _first(headers: RawHeaders, name: bytes) -> bytes | None:
+def first_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for n, v in headers:
         if n == name:
             return v
@@ -165,8 +165,8 @@ def upstream_request_headers(
     trusted_peer = peer_is_trusted(ctx.peer, trusted)
 
     prior_for = _joined(headers, b"x-forwarded-for") if trusted_peer else None
-    prior_proto = _first(headers, b"x-forwarded-proto") if trusted_peer else None
-    prior_host = _first(headers, b"x-forwarded-host") if trusted_peer else None
+    prior_proto = first_value(headers, b"x-forwarded-proto") if trusted_peer else None
+    prior_host = first_value(headers, b"x-forwarded-host") if trusted_peer else None
     prior_via = _joined(headers, b"via")
     prior_forwarded = _joined(headers, b"forwarded") if trusted_peer else None
 
@@ -177,7 +177,7 @@ def upstream_request_headers(
         and n not in (b"host", b"via", b"content-length")
         and (trusted_peer or n not in CLAIMED_NAMES)
     ]
-    length = _first(headers, b"content-length")
+    length = first_value(headers, b"content-length")
     if length is not None and (canonical := _canonical_length(length)) is not None:
         # Canonical digits ("005" is 5): the upstream must read the same length we framed.
         out.append((b"content-length", canonical))

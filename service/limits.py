@@ -31,7 +31,7 @@ from .coalesce import CoalescedWrites
 from .config import LimitsConfig
 from .errors import FAILURES, Reason, proxy_status
 from .exchange import Exchange, ExchangeObserver
-from .headers import head_problem
+from .headers import first_value, head_problem
 from .routing import path_problem, routing_path
 
 _LOGGED_PATH_BYTES = 256  # of a refused target, in the access log
@@ -212,7 +212,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         upgrade = self.parser.should_upgrade()
         if not upgrade and not limits.max_body_bytes:
             return None
-        length = next((int(v) for n, v in self.headers if n == b"content-length"), None)
+        raw_length = first_value(self.headers, b"content-length")
+        length = int(raw_length) if raw_length is not None else None
         declares_body = length or any(n == b"transfer-encoding" for n, _ in self.headers)
         if upgrade and declares_body and not self._should_upgrade():
             # llhttp hands the bytes after an Upgrade request's head to the new protocol,

@@ -24,6 +24,7 @@ from .exchange import Exchange, ExchangeObserver, Side
 from .headers import (
     RequestContext,
     downstream_response_headers,
+    first_value,
     has_body,
     upstream_request_headers,
 )
@@ -34,13 +35,6 @@ from .upstreams import Body, Upstream, UpstreamSet
 log = logging.getLogger("relay.proxy")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
-
-
-def _host(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    for name, value in headers:
-        if name == b"host":
-            return value
-    return None
 
 
 class ClientDisconnected(Exception):
@@ -125,14 +119,11 @@ class Proxy:
                 await send({"type": "websocket.close", "code": 1003})
             return
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        raw_host = _host(headers)
+        raw_host = first_value(headers, b"host")
         host = raw_host.decode("latin-1") if raw_host is not None else None
-        path: str = scope["path"]
-        # "." and ".." segments are refused: the upstream client would remove them from the
-        # target after routing, so "/public/../admin" would match the /public route and then
-        # reach /admin (or climb out of an upstream's base path).
-        dot_segments = "/." in path and any(s in (".", "..") for s in path.split("/"))
-        route = None if dot_segments else self._router.match(host, path)
+        # Paths with dot segments (raw or encoded) never get here: the parsing stage refuses
+        # them (routing.path_problem), as the upstream could resolve them outside the route.
+        route = self._router.match(host, scope["path"])
         exchange = Exchange(
             method=scope["method"],
             route=route.label if route else None,
@@ -143,8 +134,7 @@ class Proxy:
         self._observer.started(exchange)
         try:
             if route is None:
-                reason = Reason.BAD_REQUEST if dot_segments else Reason.NO_ROUTE
-                await self._send_error(send, exchange, reason, None)
+                await self._send_error(send, exchange, Reason.NO_ROUTE, None)
                 return
             upstream = self._upstreams()[route.upstream]
             channel = ClientChannel(receive, exchange, self._max_body)
@@ -193,7 +183,7 @@ class Proxy:
     ) -> httpx.Request:
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         client = scope.get("client")
-        host = _host(raw_headers)
+        host = first_value(raw_headers, b"host")
         ctx = RequestContext(
             peer=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
