@@ -27,7 +27,6 @@ from typing import Any, ClassVar
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from .coalesce import CoalescedWrites
 from .config import LimitsConfig
 from .errors import FAILURES, Reason, proxy_status
 from .exchange import Exchange, ExchangeObserver
@@ -322,5 +321,4 @@ def guarded_protocol(
         "observer": observer,
         "stall_budget": _stall_budget(limits),
     }
-    bases = (CoalescedWrites, GuardedHttpToolsProtocol)
-    return type("RelayHttpToolsProtocol", bases, attributes)
+    return type("LimitedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attributes)

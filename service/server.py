@@ -21,8 +21,10 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Relay
+from .coalesce import CoalescedWrites
 from .config import Settings
 from .demo import create_demo_app
+from .exchange import ExchangeObserver
 from .limits import guarded_protocol
 from .logs import install_abort_filter
 from .tracing import Tracing
@@ -70,8 +72,11 @@ class _DrainSafe(HttpToolsProtocol):
             self.transport.close()
 
 
-def _drain_safe(protocol: type[HttpToolsProtocol]) -> type[HttpToolsProtocol]:
-    return type(f"DrainSafe{protocol.__name__}", (_DrainSafe, protocol), {})
+def _proxy_protocol(settings: Settings, observer: ExchangeObserver) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol for the proxy listener, in one place: the drain above,
+    coalesced response writes, and the request limits and hostile-input checks."""
+    limited = guarded_protocol(settings.limits, server_name=settings.server.name, observer=observer)
+    return type("RelayHttpToolsProtocol", (_DrainSafe, CoalescedWrites, limited), {})
 
 
 def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
@@ -118,12 +123,7 @@ class Service:
                 lifespan="on",
                 backlog=server.backlog,
                 timeout_graceful_shutdown=server.grace_period_seconds,
-                # httptools, with the request limits and hostile-input checks.
-                http=_drain_safe(
-                    guarded_protocol(
-                        settings.limits, server_name=server.name, observer=self.relay.observers
-                    )
-                ),
+                http=_proxy_protocol(settings, self.relay.observers),
                 limit_concurrency=server.limit_concurrency or None,
             )
         )
