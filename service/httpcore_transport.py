@@ -74,9 +74,8 @@ class _ClosingTransport(httpx.AsyncByteStream):
         self._inner = inner
         self._transport = transport
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._inner.__aiter__()
 
     async def aclose(self) -> None:
         try:
@@ -97,9 +96,8 @@ class _NoBytesPastTheEnd(httpx.AsyncByteStream):
     def __init__(self, inner: httpx.AsyncByteStream) -> None:
         self._inner = inner
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._inner:
-            yield chunk
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._inner.__aiter__()
 
     async def aclose(self) -> None:
         # httpx's stream -> httpcore's pool stream -> its HTTP/1.1 connection's stream.

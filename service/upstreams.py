@@ -24,6 +24,7 @@ import httpx
 from .config import UpstreamConfig
 from .errors import StaleConnectionError
 from .gate import Gate, GateTimeout
+from .headers import first_value
 from .httpcore_transport import HttpcoreTransport
 from .transport import AiohttpTransport, attempt_of
 
@@ -332,7 +333,7 @@ class Upstream:
         extensions = {"timeout": self.timeouts}
         if body is None:
             return httpx.Request(method, url, headers=headers, extensions=extensions)
-        if not any(name == b"content-length" for name, _ in headers):
+        if first_value(headers, b"content-length") is None:
             # The framing httpx itself would choose for a stream of unknown length.
             headers = [*headers, (b"transfer-encoding", b"chunked")]
         return httpx.Request(method, url, headers=headers, stream=body, extensions=extensions)
