@@ -33,10 +33,10 @@ class Router:
         self._routes = sorted(routes, key=key)
 
     def match(self, host: str | None, path: str) -> RouteConfig | None:
-        bare_host = _bare_host(host)
+        bare = bare_host(host)
         for route in self._routes:
             if route.host is not None and (
-                bare_host is None or not _host_matches(route.host.lower(), bare_host)
+                bare is None or not _host_matches(route.host.lower(), bare)
             ):
                 continue
             if _prefix_matches(route.prefix, path):
@@ -44,7 +44,8 @@ class Router:
         return None
 
 
-def _bare_host(host: str | None) -> str | None:
+def bare_host(host: str | None) -> str | None:
+    """A Host value without its port, lowercased (IPv6 literals keep their brackets)."""
     if not host:
         return None
     host = host.strip().lower()

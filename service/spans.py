@@ -22,6 +22,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .routing import bare_host
+
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
@@ -98,7 +100,7 @@ def _server_attributes(scope: Scope) -> dict[str, Any]:
         attributes["client.port"] = client[1]
     for name, value in scope["headers"]:
         if name == b"host":
-            attributes["server.address"] = value.decode("latin-1").rsplit(":", 1)[0]
+            attributes["server.address"] = bare_host(value.decode("latin-1"))
         elif name == b"user-agent":
             attributes["user_agent.original"] = value.decode("latin-1")
     return attributes
