@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
+from tests.harness import parse_head, read_body
+
 SMUGGLED = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED"
 GARBAGE = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 this is not HTTP\r\n\r\n"
 DRIP_CHUNK = 1024
@@ -119,7 +121,7 @@ class ChaosUpstream:
                     if exc.partial:
                         self.incomplete_requests += 1
                     return
-                method, path, headers = _parse_head(head)
+                method, path, headers = parse_head(head)
                 if sequence > 0 and self.stale_ratio and self._rng.random() < self.stale_ratio:
                     # Closed as the request arrived: the proxy gets no response byte.
                     self.stale_closes += 1
@@ -130,7 +132,7 @@ class ChaosUpstream:
                         writer.close()
                     return
                 try:
-                    body = await _read_body(reader, headers)
+                    body = await read_body(reader, headers)
                 except asyncio.IncompleteReadError:
                     self.incomplete_requests += 1
                     return
@@ -234,28 +236,3 @@ async def _hung_up_within(reader: asyncio.StreamReader, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True  # EOF; the peer sends nothing else while its response is under way
-
-
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    lines = head.decode("latin-1").split("\r\n")
-    method, path, _ = lines[0].split(" ", 2)
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return method, path, headers
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    if "content-length" in headers:
-        return await reader.readexactly(int(headers["content-length"]))
-    if headers.get("transfer-encoding", "").lower() != "chunked":
-        return b""
-    body = b""
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-        chunk = await reader.readexactly(size + 2)
-        if size == 0:
-            return body
-        body += chunk[:-2]

@@ -123,6 +123,33 @@ Writer = asyncio.StreamWriter
 Handler = Callable[[Request, Writer], Awaitable[None]]
 
 
+def parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """Method, target and headers (names lowercased) of a request head ending in CRLFCRLF."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return method, path, headers
+
+
+async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    """The request body the head announces: Content-Length or chunked, else none."""
+    if "content-length" in headers:
+        return await reader.readexactly(int(headers["content-length"]))
+    if headers.get("transfer-encoding", "").lower() != "chunked":
+        return b""
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+        chunk = await reader.readexactly(size + 2)
+        if size == 0:
+            return body
+        body += chunk[:-2]
+
+
 @dataclass
 class ScriptedUpstream:
     """HTTP/1.1 upstream whose behaviour per path is a coroutine given the raw writer."""
@@ -140,24 +167,8 @@ class ScriptedUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     async def _read_request(self, reader: asyncio.StreamReader) -> Request | None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, _ = lines[0].split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        body = b""
-        if "content-length" in headers:
-            body = await reader.readexactly(int(headers["content-length"]))
-        elif headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-                chunk = await reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                body += chunk[:-2]
+        method, path, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+        body = await read_body(reader, headers)
         return Request(method, path, headers, body, reader)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: Writer) -> None:
