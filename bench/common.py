@@ -410,10 +410,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def _version(name: str) -> str:
+    # httpx-aiohttp comes with the bench extra only; the short soak in the test suite runs
+    # without it.
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def environment() -> str:
     """One line naming what was measured: versions, cores, load."""
     names = ("httpx", "httpcore", "aiohttp", "httpx-aiohttp", "uvicorn", "uvloop", "fastapi")
-    versions = ", ".join(f"{n} {metadata.version(n)}" for n in names)
+    versions = ", ".join(f"{n} {_version(n)}" for n in names)
     nginx_binary = shutil.which("nginx")
     nginx_version = ""
     if nginx_binary:
