@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import functools
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.tools import require_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["base", "overlays/dev", "overlays/production"]
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
-    assert path, "kubectl is required (kubectl kustomize); CI installs it"
-    return path
+    return require_tool("kubectl")
 
 
 @functools.cache

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.tools import require_tool
 
 
 def free_port() -> int:
@@ -51,13 +52,6 @@ class Prometheus:
         raise AssertionError(f"{expr!r} returned nothing within {timeout}s")
 
 
-def require(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        raise AssertionError(f"{binary} not found: install the Debian 'prometheus' package")
-    return path
-
-
 @contextmanager
 def prometheus(
     targets: Sequence[str],
@@ -67,7 +61,7 @@ def prometheus(
     rule_files: Sequence[Path] = (),
     extra_args: Sequence[str] = (),
 ) -> Iterator[Prometheus]:
-    binary = require("prometheus")
+    binary = require_tool("prometheus")
     with tempfile.TemporaryDirectory() as tmp:
         config = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},

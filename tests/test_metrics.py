@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +25,7 @@ from tests.harness import (
     respond,
     run_relay,
 )
+from tests.tools import require_tool
 
 N_OK, N_MISSING, N_SLOW, N_CONNECT, N_HANG, N_STREAM, N_RESET, N_ECHO = 7, 5, 2, 3, 2, 3, 2, 4
 ECHO_SIZE = 1000
@@ -225,8 +225,7 @@ async def test_openmetrics_when_asked(mix: tuple[RunningRelay, ScriptedUpstream]
 async def test_promtool_accepts_exposition(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, upstream = mix
     await drive_mix(running, upstream)
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool not found: install the Debian 'prometheus' package"
+    promtool = require_tool("promtool")
     text = await scrape(running)
     process = await asyncio.create_subprocess_exec(
         promtool,
