@@ -29,6 +29,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .config_errors import format_validation_error
+
 CONFIG_ENV_VAR = "RELAY_CONFIG"
 
 # Names become Prometheus label values and span attributes: keep them short identifiers so
@@ -48,16 +50,31 @@ class _Strict(BaseModel):
 
 class PoolConfig(_Strict):
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
+    # Unset: as many as max_connections (a pool that keeps fewer alive than it may open
+    # reconnects under steady load).
     max_keepalive_connections: Annotated[int, Field(ge=0, le=100_000)] = 100
     keepalive_expiry_seconds: Seconds = 30.0
     # Requests that may wait for a free connection; beyond, 503 at once rather than a wait
     # that would end in a pool timeout anyway (0: no queue; null: unbounded).
     max_waiting: Annotated[int, Field(ge=0)] | None = 1000
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keepalive_defaults_to_max(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("max_keepalive_connections") is None:
+            limit = data.get("max_connections")
+            # Only a usable number is copied: a bad max_connections is reported once, as itself.
+            if isinstance(limit, int) or (isinstance(limit, str) and limit.strip().isdigit()):
+                return {**data, "max_keepalive_connections": limit}
+        return data
+
     @model_validator(mode="after")
     def _keepalive_within_max(self) -> PoolConfig:
         if self.max_keepalive_connections > self.max_connections:
-            raise ValueError("max_keepalive_connections must not exceed max_connections")
+            raise ValueError(
+                f"max_keepalive_connections ({self.max_keepalive_connections}) must not exceed "
+                f"max_connections ({self.max_connections})"
+            )
         return self
 
 
@@ -75,6 +92,16 @@ class UpstreamConfig(_Strict):
     verify_tls: bool = True
     pool: PoolConfig = PoolConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _has_scheme(cls, value: Any) -> Any:
+        if isinstance(value, str) and "://" not in value:
+            raise ValueError(
+                f"{value!r} has no scheme: the URL needs http:// or https://, "
+                f"e.g. http://{value.lstrip('/')}"
+            )
+        return value
 
     @field_validator("url")
     @classmethod
@@ -192,15 +219,6 @@ class Settings(BaseSettings):
         return self
 
 
-def _format_validation_error(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        where = ".".join(str(part) for part in item["loc"])
-        lines.append(f"{where}: {message}" if where else message)
-    return "; ".join(lines)
-
-
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -226,6 +244,7 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config: {_format_validation_error(exc)}") from exc
+        message = format_validation_error(exc, Settings, os.environ)
+        raise ConfigError(f"invalid config: {message}") from exc
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from exc

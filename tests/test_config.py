@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +179,130 @@ def test_cli_check_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '"api"' in result.stdout
+
+
+def test_keepalive_defaults_to_max_connections(tmp_path: Path) -> None:
+    pool = '"http://127.0.0.1:9999", pool: {max_connections: 10}}'
+    settings = load_settings(write(tmp_path, VALID.replace('"http://127.0.0.1:9999"}', pool)))
+    assert settings.upstreams["api"].pool.max_keepalive_connections == 10
+    explicit = '"http://127.0.0.1:9999", pool: {max_connections: 10, max_keepalive_connections: 4}}'
+    settings = load_settings(write(tmp_path, VALID.replace('"http://127.0.0.1:9999"}', explicit)))
+    assert settings.upstreams["api"].pool.max_keepalive_connections == 4
+
+
+def test_keepalive_defaults_to_max_connections_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_UPSTREAMS__API__POOL__MAX_CONNECTIONS", "12")
+    settings = load_settings(write(tmp_path, VALID))
+    assert settings.upstreams["api"].pool.max_keepalive_connections == 12
+
+
+def test_a_bad_max_connections_is_reported_once(tmp_path: Path) -> None:
+    bad = '"http://127.0.0.1:9999", pool: {max_connections: lots}}'
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, VALID.replace('"http://127.0.0.1:9999"}', bad)))
+    assert "max_keepalive" not in str(info.value)
+    assert "upstreams.api.pool.max_connections" in str(info.value)
+
+
+def test_unknown_field_without_a_close_name_lists_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, VALID + "server: {zzz: 1}\n"))
+    assert "server.zzz: unknown field (known: host, port, admin_host," in str(info.value)
+
+
+def test_error_from_a_whole_section_variable_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_SERVER", '{"port": "x"}')
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, VALID))
+    assert str(info.value).startswith(
+        """invalid config: RELAY_SERVER='{"port": "x"}': server.port:"""
+    )
+
+
+def test_file_errors_name_no_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RELAY_SERVER__ADMIN_PORT", "9999")
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, VALID + "server: {port: abc}\n"))
+    assert str(info.value).startswith("invalid config: server.port: Input should be a valid")
+
+
+# The mistakes users make, each through the real command: exit 2 and exactly one line on
+# stderr saying what to change.
+CONFIG_MISTAKES = [
+    pytest.param(
+        VALID.replace('"http://127.0.0.1:9999"', '"127.0.0.1:8081"'),
+        {},
+        "relay: invalid config: upstreams.api.url: '127.0.0.1:8081' has no scheme: the URL "
+        "needs http:// or https://, e.g. http://127.0.0.1:8081",
+        id="url-without-scheme",
+    ),
+    pytest.param(
+        VALID.replace(
+            '"http://127.0.0.1:9999"}',
+            '"http://127.0.0.1:9999", pool: {max_connections: 10, max_keepalive_connections: 20}}',
+        ),
+        {},
+        "relay: invalid config: upstreams.api.pool: max_keepalive_connections (20) must not "
+        "exceed max_connections (10)",
+        id="keepalive-above-max",
+    ),
+    pytest.param(
+        VALID,
+        {"RELAY_SERVER__PORT": "abc"},
+        "relay: invalid config: RELAY_SERVER__PORT=abc: server.port: Input should be a valid "
+        "integer, unable to parse string as an integer",
+        id="env-variable",
+    ),
+    pytest.param(
+        VALID.replace(
+            "{prefix: /, upstream: api}", "{prefix: /, upstream: api, strip_prefx: true}"
+        ),
+        {},
+        "relay: invalid config: routes.0.strip_prefx: unknown field, did you mean strip_prefix?",
+        id="unknown-field-typo",
+    ),
+    pytest.param(
+        VALID,
+        {"RELAY_SERVER__DRAIN_DELAY": "1"},
+        "relay: invalid config: RELAY_SERVER__DRAIN_DELAY=1: server.drain_delay: unknown "
+        "field, did you mean drain_delay_seconds?",
+        id="unknown-env-field",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "env", "expected"), CONFIG_MISTAKES)
+def test_cli_says_what_to_change(
+    tmp_path: Path, text: str, env: dict[str, str], expected: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--config", str(write(tmp_path, text))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, **env},
+    )
+    assert result.returncode == 2
+    assert result.stderr == expected + "\n"
+    assert result.stdout == ""
+
+
+def test_pool_below_the_default_keepalive_starts(tmp_path: Path) -> None:
+    """Lowering max_connections alone is a valid config (it used to need a second field)."""
+    text = VALID.replace(
+        '"http://127.0.0.1:9999"}', '"http://127.0.0.1:9999", pool: {max_connections: 10}}'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--config", str(write(tmp_path, text)), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    pool = json.loads(result.stdout)["upstreams"]["api"]["pool"]
+    assert (pool["max_connections"], pool["max_keepalive_connections"]) == (10, 10)
