@@ -9,10 +9,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from pythonjsonlogger.json import JsonFormatter
-
 from .config import LogConfig
 from .exchange import Exchange
+from .log_format import ACCESS_FIELDS, JsonLines, TextLines
 from .tracing import TraceContextFilter
 
 access_log = logging.getLogger("relay.access")
@@ -89,37 +88,6 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().flush()
 
 
-# The access fields once more, under a private name (skipped as an extra): the formatter's
-# fast path for the one record every request writes.
-ACCESS_FIELDS = "_relay_access"
-
-
-class _JsonLines(JsonFormatter):
-    """python-json-logger's lines, with a fast path for access records.
-
-    The generic path inspects every attribute of every record to find the extras, which
-    made formatting the larger part of an access line's cost; an access record says which
-    fields it carries. Same keys, same order, same encoder.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] | None = record.__dict__.get(ACCESS_FIELDS)
-        if fields is None or record.exc_info or record.stack_info:
-            return super().format(record)
-        line: dict[str, Any] = {
-            "time": self.formatTime(record, self.datefmt),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            **fields,
-        }
-        for name in ("trace_id", "span_id"):
-            value = record.__dict__.get(name)
-            if value is not None:
-                line[name] = value
-        return self.serialize_log_record(line)
-
-
 class _DropColorMessage(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.__dict__.pop("color_message", None)
@@ -136,16 +104,7 @@ def configure(config: LogConfig) -> None:
     handler = BufferedStreamHandler(sys.stdout)
     handler.addFilter(_DropColorMessage())
     handler.addFilter(TraceContextFilter())
-    if config.format == "json":
-        handler.setFormatter(
-            _JsonLines(
-                "{asctime}{levelname}{name}{message}",
-                style="{",
-                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-            )
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonLines() if config.format == "json" else TextLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.level)
@@ -157,7 +116,7 @@ def configure(config: LogConfig) -> None:
     # per-request INFO line would duplicate it.
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    install_abort_filter()
+    install_uvicorn_filters()
     access_log.disabled = not config.access_log
 
 
@@ -193,12 +152,40 @@ class _SheddingSummary(logging.Filter):
         return True
 
 
-def install_abort_filter() -> None:
+class _ServerLifecycle(logging.Filter):
+    """Drop uvicorn's own start-up and shutdown lines.
+
+    Each listener is a uvicorn server, so each of these came once per listener and per
+    worker, none of them saying which listener it was about. The service logs its own:
+    each listener with its name and address, the config, readiness and every step of the
+    drain (``service.server``).
+    """
+
+    MESSAGES = frozenset(
+        {
+            "Started server process [%d]",
+            "Finished server process [%d]",
+            "Waiting for application startup.",
+            "Application startup complete.",
+            "Waiting for application shutdown.",
+            "Application shutdown complete.",
+            "Shutting down",
+            "Uvicorn running on %s://%s:%d (Press CTRL+C to quit)",
+            "Uvicorn running on %s://[%s]:%d (Press CTRL+C to quit)",
+            "Waiting for connections to close. (CTRL+C to force quit)",
+            "Waiting for background tasks to complete. (CTRL+C to force quit)",
+        }
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.msg not in self.MESSAGES
+
+
+def install_uvicorn_filters() -> None:
     logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _DeliberateAbortFilter) for f in logger.filters):
-        logger.addFilter(_DeliberateAbortFilter())
-    if not any(isinstance(f, _SheddingSummary) for f in logger.filters):
-        logger.addFilter(_SheddingSummary())
+    for kind in (_DeliberateAbortFilter, _SheddingSummary, _ServerLifecycle):
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 def access_fields(exchange: Exchange) -> dict[str, Any]:

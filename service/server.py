@@ -26,7 +26,7 @@ from .config import Settings
 from .demo import create_demo_app
 from .exchange import ExchangeObserver
 from .limits import guarded_protocol
-from .logs import install_abort_filter
+from .logs import install_uvicorn_filters
 from .tracing import Tracing
 
 log = logging.getLogger("relay.server")
@@ -111,7 +111,7 @@ def _one(sock: socket.socket | None) -> list[socket.socket] | None:
 
 class Service:
     def __init__(self, settings: Settings, relay: Relay | None = None) -> None:
-        install_abort_filter()
+        install_uvicorn_filters()
         self.settings = settings
         self.relay = relay or Relay(settings, tracing=Tracing.from_env())
         server = settings.server

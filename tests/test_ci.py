@@ -44,7 +44,9 @@ def path_without(hidden: set[str], into: Path) -> str:
     return str(into)
 
 
-def run_as_non_root(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_as_non_root(
+    command: list[str], cwd: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         assert setpriv, "setpriv (util-linux) is needed to run as another user"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -100,3 +103,100 @@ def test_concurrency_refusals_are_summarised(capsys: pytest.CaptureFixture[str])
     out = capsys.readouterr().out
     assert out.count("Exceeded concurrency limit.") == 1
     assert "something else" in out
+
+
+RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def test_json_time_is_rfc3339_utc_with_milliseconds(capsys: pytest.CaptureFixture[str]) -> None:
+    configure(LogConfig(format="json"))
+    before = time.time()
+    logging.getLogger("relay.server").warning("now")
+    AccessLogObserver().finished(finished_exchange())
+    after = time.time()
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    for line in lines:
+        assert RFC3339_MS_UTC.match(line["time"]), line["time"]
+        stamp = datetime.strptime(line["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert before - 0.001 <= stamp.timestamp() <= after
+
+
+def test_text_access_line_has_every_json_field(capsys: pytest.CaptureFixture[str]) -> None:
+    configure(LogConfig(format="json"))
+    exchange = finished_exchange()
+    AccessLogObserver().finished(exchange)
+    as_json = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    configure(LogConfig(format="text"))
+    AccessLogObserver().finished(exchange)
+    text = capsys.readouterr().out.strip().splitlines()[-1]
+    stamp, level, logger, rest = text.split(" ", 3)
+    assert RFC3339_MS_UTC.match(stamp)
+    assert (level, logger) == ("INFO", "relay.access")
+    assert rest.startswith(f"GET /users/7 200 {as_json['duration_ms']:.1f}ms ")
+    pairs = dict(pair.split("=", 1) for pair in rest.split(" ")[4:])
+    skipped = {"time", "level", "logger", "message", "method", "path", "status", "duration_ms"}
+    expected = {k: v for k, v in as_json.items() if k not in skipped and v is not None}
+    assert set(pairs) == set(expected)
+    assert pairs["headers_ms"] == f"{as_json['headers_ms']:.1f}"
+    for key in ("route", "upstream", "outcome", "disconnect_side", "disconnect_phase"):
+        assert pairs[key] == as_json[key]
+    assert pairs["response_bytes"] == "1234"
+
+
+def test_text_quotes_values_that_would_break_the_line(capsys: pytest.CaptureFixture[str]) -> None:
+    configure(LogConfig(format="text"))
+    exchange = finished_exchange()
+    exchange.path = '/a b\n"c"'
+    AccessLogObserver().finished(exchange)
+    logging.getLogger("relay.server").info("listening", extra={"address": "http://[::1]:80 x"})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert ' GET "/a b\\n\\"c\\"" 200 ' in lines[0]
+    assert lines[1].endswith(' listening address="http://[::1]:80 x"')
+
+
+def test_text_trace_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    configure(LogConfig(format="text"))
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("request") as span:
+        AccessLogObserver().finished(finished_exchange())
+        context = span.get_span_context()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f" trace_id={context.trace_id:032x} span_id={context.span_id:016x}" in line
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_uvicorn_lines_do_not_say_error_unless_they_are(
+    capsys: pytest.CaptureFixture[str], log_format: str
+) -> None:
+    configure(LogConfig(format=log_format))
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    uvicorn_error.info("something the server says")
+    uvicorn_error.error("Exception in ASGI application")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2
+    assert "error" not in out[0].lower()
+    if log_format == "json":
+        info, error = (json.loads(line) for line in out)
+        assert (info["logger"], info["level"]) == ("uvicorn", "INFO")
+        assert (error["logger"], error["level"]) == ("uvicorn", "ERROR")
+    else:
+        assert out[0].split(" ")[1:3] == ["INFO", "uvicorn"]
+        assert out[1].split(" ")[1:3] == ["ERROR", "uvicorn"]
+
+
+def test_uvicorn_lifecycle_lines_are_left_to_the_service(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure(LogConfig(format="text"))
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    uvicorn_error.info("Started server process [%d]", 12)
+    uvicorn_error.info("Waiting for application startup.")
+    uvicorn_error.info("Application startup complete.")
+    uvicorn_error.info("Uvicorn running on %s://%s:%d (Press CTRL+C to quit)", "http", "x", 1)
+    uvicorn_error.info("Shutting down")
+    uvicorn_error.info("Finished server process [%d]", 12)
+    uvicorn_error.warning("Invalid HTTP request received.")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    assert out[0].endswith("WARNING uvicorn Invalid HTTP request received.")
