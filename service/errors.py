@@ -27,6 +27,7 @@ class Reason(StrEnum):
     HEADERS_TOO_LARGE = "headers_too_large"
     BODY_TOO_LARGE = "body_too_large"
     INTERNAL = "internal"
+    SHUTDOWN = "shutdown"
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ FAILURES: dict[Reason, Failure] = {
         413, "http_request_denied", "request body exceeds limits.max_body_bytes"
     ),
     Reason.INTERNAL: Failure(502, "proxy_internal_error", "proxy internal error"),
+    # Still in flight when the drain's grace period ran out (or a second stop signal came).
+    Reason.SHUTDOWN: Failure(
+        503, "proxy_internal_error", "proxy shut down before the request completed"
+    ),
 }
 
 

@@ -141,6 +141,10 @@ class Proxy:
             await self._exchange(scope, route, upstream, channel, send, exchange)
             if exchange.disconnect_side is Side.CLIENT and exchange.status is None:
                 exchange.status = CLIENT_CLOSED_REQUEST
+        except asyncio.CancelledError:
+            # Only the server cancels an exchange from outside: at shutdown, once the grace
+            # period is over. It ends here, answered and logged as cut short.
+            await self._cut_short(send, exchange)
         finally:
             exchange.mark_done()
             self._observer.finished(exchange)
@@ -275,6 +279,19 @@ class Proxy:
             log.exception("unexpected failure streaming from %s", upstream.name)
         finally:
             await response.aclose()
+
+    async def _cut_short(self, send: Send, exchange: Exchange) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        if exchange.response_complete:
+            return
+        if exchange.response_started:
+            # Returning without the final body message drops the connection: a truncated
+            # response, never a complete-looking one.
+            exchange.reason = Reason.SHUTDOWN
+            return
+        await self._send_error(send, exchange, Reason.SHUTDOWN, exchange.upstream)
 
     def _record_failure(self, exchange: Exchange, exc: BaseException) -> Reason:
         reason = classify(exc)
