@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import __version__
-from .config import CONFIG_ENV_VAR, ConfigError, load_settings
+from .config import CONFIG_ENV_VAR, ConfigError, config_path, load_settings
 from .logs import configure
 
 
@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     args = parser.parse_args(argv)
+    config_file = config_path(args.config)
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(config_file)
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     configure(settings.log)
     from .workers import run
 
-    run(settings)
+    run(settings, config_file)
 
 
 if __name__ == "__main__":

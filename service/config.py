@@ -29,7 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .config_errors import format_validation_error
+from .config_errors import env_overrides, format_validation_error
 
 CONFIG_ENV_VAR = "RELAY_CONFIG"
 
@@ -235,11 +235,17 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings once: the file (or the built-in default), then ``RELAY_*`` env."""
+def config_path(path: str | Path | None = None) -> Path | None:
+    """The config file: ``path``, else ``$RELAY_CONFIG``, else None (the built-in default)."""
     if path is None:
         path = os.environ.get(CONFIG_ENV_VAR) or None
-    data = read_yaml(Path(path)) if path is not None else dict(DEFAULT_CONFIG)
+    return Path(path) if path is not None else None
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once: the file (or the built-in default), then ``RELAY_*`` env."""
+    file = config_path(path)
+    data = read_yaml(file) if file is not None else dict(DEFAULT_CONFIG)
     data.update(overrides)
     try:
         return Settings(**data)
@@ -248,3 +254,18 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid config: {message}") from exc
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from exc
+
+
+def summary(settings: Settings, path: Path | None) -> str:
+    """One line: where the config came from, its routes and its upstreams."""
+    source = (
+        str(path) if path is not None else f"built-in demo config (no --config or {CONFIG_ENV_VAR})"
+    )
+    variables = sorted(name for name, _ in env_overrides(os.environ).values())
+    if variables:
+        source += f", overridden by {', '.join(variables)}"
+    routes = ", ".join(
+        f"{route.host or ''}{route.prefix} -> {route.upstream}" for route in settings.routes
+    )
+    upstreams = ", ".join(f"{name} {config.url}" for name, config in settings.upstreams.items())
+    return f"config: {source}; routes: {routes}; upstreams: {upstreams}"

@@ -7,6 +7,7 @@ exactly on cue (stall, reset mid-body, never answer) and report what it saw.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -24,7 +25,8 @@ import yaml
 
 from service.app import Relay
 from service.config import Settings
-from service.server import Listeners, Service
+from service.listeners import Listeners
+from service.server import Service
 from service.tracing import Tracing
 
 
@@ -367,6 +369,13 @@ class RelayProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def lines(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far (batched: at most 100 ms behind)."""
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def messages(self, prefix: str) -> list[str]:
+        return [line["message"] for line in self.lines() if line["message"].startswith(prefix)]
+
 
 def wait_http(url: str, within: float = 20.0, status: int = 200) -> None:
     deadline = time.monotonic() + within
@@ -382,9 +391,16 @@ def wait_http(url: str, within: float = 20.0, status: int = 200) -> None:
 
 @contextmanager
 def spawn_relay(
-    config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None
+    config: dict[str, Any],
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    new_session: bool = False,
 ) -> Iterator[RelayProcess]:
-    """``python -m service --config FILE`` as a real process on free loopback ports."""
+    """``python -m service --config FILE`` as a real process on free loopback ports.
+
+    ``new_session``: in a process group of its own, as a shell starts a command, so that
+    ``os.killpg`` delivers a signal the way a terminal's Ctrl-C does."""
     port, admin_port = free_port(), free_port()
     server = {
         "host": "127.0.0.1",
@@ -405,6 +421,7 @@ def spawn_relay(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=full_env,
+            start_new_session=new_session,
         )
     running = RelayProcess(
         process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path
@@ -422,6 +439,8 @@ def spawn_relay(
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
+                if new_session:
+                    os.killpg(process.pid, signal.SIGKILL)
                 process.kill()
                 process.wait()
 

@@ -1,0 +1,189 @@
+"""Start-up says what it is doing and fails clearly: the real ``python -m service``.
+
+A clean run names the config and each listener once, and nothing in it reads as an error;
+a port that is taken stops the process with one line and exit code 3, with one worker or
+several; the text format carries what the JSON one does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from service.listeners import EXIT_CANNOT_START
+from tests.harness import free_port, spawn_relay, wait_http
+
+RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OTEL_"))}
+    return {**env, **extra}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_clean_run_says_what_runs_where(tmp_path: Path, workers: int) -> None:
+    """The built-in default (no config file), ports moved by ``RELAY_*`` variables."""
+    port, admin_port, demo_port = free_port(), free_port(), free_port()
+    overrides = {
+        "RELAY_SERVER__HOST": "127.0.0.1",
+        "RELAY_SERVER__PORT": str(port),
+        "RELAY_SERVER__ADMIN_HOST": "127.0.0.1",
+        "RELAY_SERVER__ADMIN_PORT": str(admin_port),
+        "RELAY_SERVER__WORKERS": str(workers),
+        "RELAY_DEMO__PORT": str(demo_port),
+        "RELAY_UPSTREAMS__DEMO__URL": f"http://127.0.0.1:{demo_port}",
+    }
+    env = clean_env(**overrides, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"))
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service"], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{admin_port}/readyz")
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log_path.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    messages = [line["message"] for line in lines]
+    assert all(RFC3339_MS_UTC.match(line["time"]) for line in lines)
+    # Every listener bound before anything is said; the config first, in one line.
+    variables = ", ".join(sorted(overrides))
+    assert messages[:4] == [
+        f"config: built-in demo config (no --config or RELAY_CONFIG), overridden by "
+        f"{variables}; routes: / -> demo; upstreams: demo http://127.0.0.1:{demo_port}/",
+        f"proxy listener on http://127.0.0.1:{port}",
+        f"admin listener on http://127.0.0.1:{admin_port} (/healthz, /readyz, /metrics)",
+        f"demo listener on http://127.0.0.1:{demo_port} (the built-in demo upstream)",
+    ]
+    assert sum(m.startswith("ready: relay ") for m in messages) == workers
+    assert sum(m.startswith("stopped") for m in messages) == workers + (workers > 1)
+    # uvicorn's per-listener lines are gone, and nothing in a clean run reads as an error.
+    assert not [m for m in messages if "server process" in m or "Uvicorn running" in m]
+    assert "error" not in text.lower()
+    assert {line["level"] for line in lines} == {"INFO"}
+
+
+def test_the_config_file_is_named(tmp_path: Path) -> None:
+    upstream_port = free_port()
+    config = {
+        "upstreams": {"api": {"url": f"http://127.0.0.1:{upstream_port}/base"}},
+        "routes": [
+            {"prefix": "/api", "host": "api.example.com", "upstream": "api"},
+            {"prefix": "/", "upstream": "api"},
+        ],
+    }
+    with spawn_relay(config, tmp_path, clean_env()) as relay:
+        pass
+    first = relay.lines()[0]["message"]
+    assert first == (
+        f"config: {tmp_path / 'relay.yaml'}; routes: api.example.com/api -> api, / -> api; "
+        f"upstreams: api http://127.0.0.1:{upstream_port}/base"
+    )
+
+
+@contextmanager
+def port_taken() -> Iterator[int]:
+    """A port held by another socket, listening, as another program would hold it."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    try:
+        yield int(holder.getsockname()[1])
+    finally:
+        holder.close()
+
+
+FIELDS = {
+    "proxy": "server.host, server.port",
+    "admin": "server.admin_host, server.admin_port",
+    "demo": "demo.host, demo.port",
+}
+
+
+def ports_config(taken: str, port: int, workers: int) -> dict[str, Any]:
+    ports = {name: free_port() for name in FIELDS}
+    ports[taken] = port
+    return {
+        "server": {
+            "host": "127.0.0.1",
+            "port": ports["proxy"],
+            "admin_host": "127.0.0.1",
+            "admin_port": ports["admin"],
+            "workers": workers,
+        },
+        "demo": {"enabled": True, "host": "127.0.0.1", "port": ports["demo"]},
+        "upstreams": {"demo": {"url": f"http://127.0.0.1:{ports['demo']}"}},
+        "routes": [{"prefix": "/", "upstream": "demo"}],
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("taken", ["proxy", "admin", "demo"])
+def test_a_port_in_use_is_one_line_and_exit_code_3(
+    tmp_path: Path, taken: str, workers: int
+) -> None:
+    config_path = tmp_path / "relay.yaml"
+    with port_taken() as port:
+        config_path.write_text(yaml.safe_dump(ports_config(taken, port, workers)))
+        result = subprocess.run(
+            [sys.executable, "-m", "service", "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom")),
+        )
+    assert result.returncode == EXIT_CANNOT_START == 3
+    output = (result.stdout + result.stderr).splitlines()
+    assert len(output) == 1, output
+    line = json.loads(output[0])
+    assert (line["level"], line["logger"]) == ("ERROR", "relay.server")
+    assert line["message"] == (
+        f"{taken} listener: cannot listen on 127.0.0.1:{port} ({FIELDS[taken]}): "
+        "Address already in use"
+    )
+
+
+def test_text_format_over_a_real_process(tmp_path: Path) -> None:
+    demo_port = free_port()
+    config = {
+        "log": {"format": "text"},
+        "demo": {"enabled": True, "host": "127.0.0.1", "port": demo_port},
+        "upstreams": {"demo": {"url": f"http://127.0.0.1:{demo_port}"}},
+        "routes": [{"prefix": "/", "upstream": "demo"}],
+    }
+    with spawn_relay(config, tmp_path, clean_env()) as relay:
+        assert httpx.get(f"{relay.url}/bytes/300").status_code == 200
+        relay.process.send_signal(signal.SIGTERM)
+        assert relay.process.wait(timeout=30) == 0
+    lines = relay.log().splitlines()
+    access = [line for line in lines if " relay.access " in line]
+    assert len(access) == 1
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO relay\.access GET /bytes/300 200 "
+        r"\d+\.\dms route=demo upstream=demo outcome=ok headers_ms=\d+\.\d "
+        r"request_bytes=0 response_bytes=300",
+        access[0],
+    ), access[0]
+    assert any(line.endswith(f"INFO relay.server proxy listener on {relay.url}") for line in lines)
+    assert not any(line.lstrip().startswith("{") for line in lines)
