@@ -165,6 +165,9 @@ class LimitsConfig(_Strict):
 
 
 DEFAULT_CONFIG: dict[str, Any] = {
+    # Nothing routes traffic to a demo on a workstation: Ctrl-C need not wait for anything
+    # to notice the drain.
+    "server": {"drain_delay_seconds": 0},
     "demo": {"enabled": True, "host": "127.0.0.1", "port": 8081},
     "upstreams": {"demo": {"url": "http://127.0.0.1:8081"}},
     "routes": [{"name": "demo", "prefix": "/", "upstream": "demo"}],

@@ -32,6 +32,16 @@ def test_builtin_default_proxies_to_the_demo_upstream(monkeypatch: pytest.Monkey
     assert settings.demo.enabled
     assert str(settings.upstreams["demo"].url).startswith("http://127.0.0.1:8081")
     assert settings.routes[0].upstream == "demo"
+    assert settings.server.drain_delay_seconds == 0  # Ctrl-C stops the demo at once
+
+
+def test_env_overrides_merge_into_the_builtin_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    monkeypatch.setenv("RELAY_SERVER__PORT", "18080")
+    settings = load_settings()
+    assert (settings.server.port, settings.server.drain_delay_seconds) == (18080, 0)
+    monkeypatch.setenv("RELAY_SERVER__DRAIN_DELAY_SECONDS", "3")
+    assert load_settings().server.drain_delay_seconds == 3
 
 
 def test_valid_file_and_defaults(tmp_path: Path) -> None:

@@ -81,6 +81,9 @@ def test_a_clean_run_says_what_runs_where(tmp_path: Path, workers: int) -> None:
     assert not [m for m in messages if "server process" in m or "Uvicorn running" in m]
     assert "error" not in text.lower()
     assert {line["level"] for line in lines} == {"INFO"}
+    # The built-in default has no drain delay: Ctrl-C or SIGTERM closes the listener at once.
+    draining = [m for m in messages if "draining" in m]
+    assert draining and all("closes in 0s" in m for m in draining)
 
 
 def test_the_config_file_is_named(tmp_path: Path) -> None:
