@@ -59,12 +59,14 @@ class Exchange:
 
     @property
     def outcome(self) -> str:
-        """One word for logs: ok, the failure reason, or who hung up."""
+        """One word for logs: ok, the failure reason, or who hung up. ``ok`` only for an
+        exchange whose response was sent in full; one that ended otherwise without a known
+        cause is ``incomplete``."""
         if self.disconnect_side is Side.CLIENT:
             return "client_disconnect"
         if self.reason is not None:
             return self.reason.value
-        return "ok"
+        return "ok" if self.response_complete else "incomplete"
 
 
 class ExchangeObserver(Protocol):

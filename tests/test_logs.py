@@ -200,3 +200,14 @@ def test_uvicorn_lifecycle_lines_are_left_to_the_service(
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     assert out[0].endswith("WARNING uvicorn Invalid HTTP request received.")
+
+
+def test_an_exchange_that_did_not_complete_is_never_ok(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure(LogConfig(format="json"))
+    exchange = Exchange(method="GET", route="api", upstream="api", path="/")
+    exchange.mark_done()  # ended without a response and without a known cause
+    AccessLogObserver().finished(exchange)
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (line["status"], line["outcome"]) == (None, "incomplete")
