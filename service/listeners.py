@@ -31,11 +31,6 @@ class Listeners:
     admin: socket.socket | None
     demo: socket.socket | None
 
-    def close(self) -> None:
-        for sock in (self.proxy, self.admin, self.demo):
-            if sock is not None:
-                sock.close()
-
 
 class ListenerError(Exception):
     """A listener could not be bound; the message is the whole story, on one line."""
