@@ -113,11 +113,11 @@ class Service:
     def __init__(self, settings: Settings, relay: Relay | None = None) -> None:
         install_abort_filter()
         self.settings = settings
-        self.relay = relay or Relay(settings, tracing=Tracing.from_env())
+        self.relay = relay or Relay(settings, tracing=Tracing.from_env(settings.tracing))
         server = settings.server
         self.proxy_server = _Server(
             _uvicorn_config(
-                self.relay.proxy_app,
+                self.relay.app,
                 server.host,
                 server.port,
                 lifespan="on",
