@@ -2,20 +2,21 @@
 
 The proxy is the FastAPI router's default: it answers every request no route of the app
 matched, so FastAPI's lifespan, exception handling and middleware are the real ones, and
-routes or middleware added to ``Relay.app`` come first.
+routes or middleware added to ``Relay.app`` (see ``server.app_hook``) come first.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Sequence
+import importlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
 
 from .admin import Health, create_admin_app
-from .config import Settings
+from .config import ConfigError, Settings
 from .exchange import Exchange, ExchangeObserver
 from .logs import AccessLogObserver
 from .metrics import Metrics
@@ -25,6 +26,26 @@ from .upstreams import PoolSnapshot, UpstreamSet
 
 POOL_SAMPLE_SECONDS = 1.0
 GC_THRESHOLDS = (20_000, 20, 20)
+
+AppHook = Callable[[FastAPI], None]
+
+
+def load_app_hook(spec: str | None) -> AppHook | None:
+    """The ``server.app_hook`` function (``module:function``), imported."""
+    if spec is None:
+        return None
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as exc:  # anything the import itself raises is the hook's fault
+        raise ConfigError(f"server.app_hook: cannot load {spec!r}: {exc}") from exc
+    if not callable(target):
+        raise ConfigError(f"server.app_hook: {spec!r} is not callable")
+    hook: AppHook = target
+    return hook
+
 
 class Observers:
     """Fans exchange events out to every observer (access log, metrics, ...)."""
@@ -81,6 +102,9 @@ class Relay:
             telemetry={"tracing": False, "metrics": False, "logs": False},
         )
         self.app.router.default = self.proxy
+        hook = load_app_hook(settings.server.app_hook)
+        if hook is not None:
+            hook(self.app)
         if tracing is not None:
             tracing.instrument_app(self.app)
         self.admin_app = create_admin_app(self.health, self.metrics.render)

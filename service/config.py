@@ -111,6 +111,9 @@ class ServerConfig(_Strict):
     # uvicorn answers 503 to a request arriving while this many client connections (idle
     # keep-alive ones and its own included) are open or requests run: null or 0, no limit.
     limit_concurrency: Annotated[int, Field(ge=0)] | None = None
+    # "module:function", called with the proxy's FastAPI app before it starts, in every
+    # worker: routes and middleware of your own (README, *Extending the app*).
+    app_hook: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None
 
 
 class LogConfig(_Strict):
