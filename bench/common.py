@@ -104,7 +104,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def process(
-    args: Sequence[str], env: Mapping[str, str | None] | None = None, log: Path | None = None
+    args: Sequence[str],
+    env: Mapping[str, str | None] | None = None,
+    log: Path | None = None,
+    cwd: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A child in its own session (so its whole group can be stopped), stopped on exit.
 
@@ -122,6 +125,7 @@ def process(
             env={name: value for name, value in child_env.items() if value is not None},
             start_new_session=True,
             preexec_fn=_die_with_parent,
+            cwd=cwd,
         )
     finally:
         if log is not None and not isinstance(out, int):
@@ -213,8 +217,13 @@ def relay(
     workers: int = 1,
     access_log: bool = False,
     env: Mapping[str, str | None] | None = None,
+    source: Path = ROOT,
+    instrumentation: str | None = None,
 ) -> Iterator[RelayProcess]:
     """Relay as its own process: one upstream, one route; 1 worker, access log off.
+
+    ``source`` is the directory holding the ``service`` package to run: this checkout, or
+    an earlier revision's (``baseline_source``) measured side by side with it.
 
     ``env`` is added last, so it can turn tracing on (e.g. ``OTEL_SDK_DISABLED=""`` and an
     ``OTEL_EXPORTER_OTLP_ENDPOINT``). With ``access_log`` the log level is INFO (access lines
@@ -248,6 +257,8 @@ def relay(
             },
             "routes": [{"prefix": "/", "upstream": "up"}],
         }
+        if instrumentation is not None:
+            config["tracing"] = {"instrumentation": instrumentation}
         path = Path(tmp, "relay.yaml")
         path.write_text(yaml.safe_dump(config))
         if transport == "stock" and workers != 1:
@@ -262,13 +273,15 @@ def relay(
         # turns multiprocess mode on when it is merely set, even empty (files in the cwd).
         multiproc = str(Path(tmp, "prometheus")) if workers > 1 else None
         child_env: dict[str, str | None] = {
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(source),
             "OTEL_SDK_DISABLED": "true",
             "PROMETHEUS_MULTIPROC_DIR": multiproc,
             **(env or {}),
         }
         log = Path(tmp, "relay.log")
-        with process([*args, "--config", str(path)], env=child_env, log=log) as proc:
+        # ``python -m`` imports from the working directory before PYTHONPATH: run where
+        # ``source`` is, or a baseline would silently measure this checkout.
+        with process([*args, "--config", str(path)], env=child_env, log=log, cwd=source) as proc:
             try:
                 wait_ready(f"http://{LOOPBACK}:{admin}/readyz", proc)
             except RuntimeError:
@@ -395,6 +408,22 @@ def wrk(
         socket_errors=socket_errors,
         timeouts=timeouts,
     )
+
+
+@contextmanager
+def baseline_source(revision: str) -> Iterator[Path]:
+    """The ``service`` package as it was at ``revision`` (any git revision of this checkout),
+    in a temporary directory, to run beside the working tree's in one comparison."""
+    with tempfile.TemporaryDirectory(prefix="relay-baseline-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", revision, "service"],
+            capture_output=True,
+            check=False,
+        )
+        if archive.returncode != 0:
+            raise SystemExit(f"--baseline {revision}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        yield Path(tmp)
 
 
 # -- reporting -----------------------------------------------------------------------------

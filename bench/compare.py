@@ -1,7 +1,7 @@
 """The whole performance comparison in one command, on loopback, bounded in time.
 
     python bench/compare.py [--duration 10] [--warmup 2] [--only a,b,f] [--loads 1,3]
-                            [--out bench/results] [--quick]
+                            [--out bench/results] [--quick] [--baseline REV]
 
 Systems (rows), all against the same upstream in each load:
   (a) straight to the upstream: the ceiling;
@@ -16,11 +16,17 @@ Systems (rows), all against the same upstream in each load:
       to a local sink (bench/sink.py);
   (h) Relay, telemetry off, 2 workers (server.workers: 2);
   (i) the naive proxy of (c) with its pool sized like Relay's (all connections kept alive);
-  (j) Relay with the access log and every request traced (ratio 1).
+  (j) Relay with the access log and every request traced (ratio 1);
+  (n), (o) rows (g) and (j) with ``tracing.instrumentation: native``;
+  (k), (l), (m) with ``--baseline REV``: rows (f), (g), (j) run from the code of git
+      revision REV (say, main before a change), for a before/after in the same run; the
+      tables then get a "vs baseline" column.
 Rows (d), (e) and (i) get the same upstream pool size as Relay in each load. Rows (i) and
 (j) are left out of load 3.
 
 Loads:
+  0. the CPU time httpx.AsyncClient.send adds per request to the transport chain it calls
+     (bench/client_send.py: in-process, one request at a time, against nginx);
   1. 1 KiB GET, wrk -t2 -c64 (nginx static upstream, 1 worker): req/s, p50, p99, errors;
   2. 1 MiB GET, wrk -t2 -c16 (same upstream): MB/s;
   3. one 1 GiB streamed download (nginx upstream, sendfile, to /dev/null) and one 1 GiB
@@ -43,11 +49,13 @@ Results: a Markdown table per load on stdout, and latest.csv, latest.json, lates
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from importlib.util import find_spec
@@ -61,6 +69,7 @@ from common import (
     LOOPBACK,
     NGINX_UPSTREAM,
     Served,
+    baseline_source,
     environment,
     free_port,
     handle_signals,
@@ -70,12 +79,30 @@ from common import (
     wait_ready,
 )
 from loads import MIB, transfer, wrk_load
-from report import add_ratios, transfer_table, write_chart, write_csv, write_json, wrk_table
-from systems import Context, System, select
+from report import (
+    add_ratios,
+    send_table,
+    transfer_table,
+    write_chart,
+    write_csv,
+    write_json,
+    wrk_table,
+)
+from systems import SYSTEMS, Context, System, baseline_systems, select
 
+# Rows whose spans go to the OTLP sink: their exported span counts are noted.
+TRACED_ROWS = {
+    "relay-telemetry",
+    "relay-traced",
+    "relay-native",
+    "relay-native-traced",
+    "baseline-telemetry",
+    "baseline-traced",
+}
 NGINX_SENDFILE_UPSTREAM = NGINX_UPSTREAM.replace("access_log off;", "access_log off; sendfile on;")
-LOADS = {"1": "small", "2": "mib", "3": "stream", "4": "slow"}
+LOADS = {"0": "send", "1": "small", "2": "mib", "3": "stream", "4": "slow"}
 TITLES = {
+    "send": "Load 0: what httpx.AsyncClient.send costs over the transport chain (1 KiB GET)",
     "small": "Load 1: 1 KiB GET",
     "mib": "Load 2: 1 MiB GET",
     "stream": "Load 3: 1 GiB streamed download and upload",
@@ -123,6 +150,7 @@ class Run:
         self.otlp = otlp
         self.results: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.send_costs: dict[str, float] = {}
 
     def context(self, upstream: Served, pool: int) -> Context:
         return Context(upstream, pool, self.otlp.url(""))
@@ -146,7 +174,7 @@ class Run:
         except (RuntimeError, ValueError, OSError, SubprocessError, httpx.HTTPError) as exc:
             record["error"] = str(exc).splitlines()[0][:120]
         self.results.append(record)
-        if system.id in ("relay-telemetry", "relay-traced") and not record.get("error"):
+        if system.id in TRACED_ROWS and not record.get("error"):
             # Read after the stop: shutting down flushes the last batch of spans.
             exported = spans(self.otlp) - spans_before
             record["spans_exported"] = exported
@@ -195,12 +223,13 @@ class Run:
     def stream(self) -> None:
         size, warm = self.args.size_mib * MIB, 16 * MIB
         files = {"big": size, "warm": warm}
-        skipped = {"relay-2w", "naive-pooled", "relay-traced"}
+        skipped = {"relay-2w", "naive-pooled", "relay-traced", "relay-native-traced"}
+        skipped |= {"baseline-traced"}
         systems = [s for s in self.systems if s.id not in skipped]
-        if len(systems) < len(self.systems):
+        if left_out := [s.key for s in self.systems if s.id in skipped]:
             self.notes.append(
-                "stream: rows (h), (i), (j) skipped (one transfer uses one worker; (c) and "
-                "(g) already cover the naive proxy and telemetry)"
+                f"stream: rows {', '.join(left_out)} skipped (one transfer uses one worker; "
+                "(c) and (g) already cover the naive proxy and telemetry)"
             )
         for direction in ("download", "upload"):
             upstreams = (
@@ -229,6 +258,15 @@ class Run:
                 for system in systems:
                     self.record(direction, system, measure, ctx)
 
+    def send(self) -> None:
+        """In one process, one request at a time: bench/client_send.py."""
+        with nginx(NGINX_UPSTREAM, files={"1k": 1024}) as upstream:
+            args = [sys.executable, str(BENCH / "client_send.py"), "--json"]
+            args += ["--upstream", upstream.url("/1k")]
+            done = subprocess.run(args, capture_output=True, text=True, check=True, timeout=600)
+        self.send_costs = json.loads(done.stdout)
+        print(f"  send     {self.send_costs}", flush=True)
+
     def slow(self) -> None:
         with slow_upstream(self.args.slow_delay_ms, self.args.slow_processes) as upstream:
             self.wrk_rows(
@@ -249,7 +287,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, help="seconds per measured wrk run (10)")
     parser.add_argument("--warmup", type=int, help="seconds of wrk warm-up per row (2)")
     parser.add_argument("--only", help="rows to run, letters or ids, e.g. a,b,f or relay")
-    parser.add_argument("--loads", default="1,2,3,4", help="loads to run, e.g. 1,4")
+    parser.add_argument(
+        "--baseline", help="git revision whose Relay runs as rows k, l, m (e.g. main)"
+    )
+    parser.add_argument("--loads", default="0,1,2,3,4", help="loads to run, e.g. 1,4")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 2 s runs, 1 s warm-up, 128 MiB transfers"
@@ -270,7 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, short if quick else full)
     loads = [n.strip() for n in args.loads.split(",") if n.strip()]
     if unknown := [n for n in loads if n not in LOADS and n not in LOADS.values()]:
-        parser.error(f"unknown loads {unknown}; known: 1-4 or {', '.join(LOADS.values())}")
+        parser.error(f"unknown loads {unknown}; known: 0-4 or {', '.join(LOADS.values())}")
     args.load_names = [name for key, name in LOADS.items() if key in loads or name in loads]
     return args
 
@@ -278,7 +319,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     handle_signals()
-    systems = select(args.only)
+    with ExitStack() as stack:
+        available = list(SYSTEMS)
+        if args.baseline:
+            source = stack.enter_context(baseline_source(args.baseline))
+            available += baseline_systems(args.baseline, lambda: source)
+        compare(args, argv, select(args.only, available))
+
+
+def compare(args: argparse.Namespace, argv: list[str] | None, systems: list[System]) -> None:
     if find_spec("httpx_aiohttp") is None:
         print("httpx-aiohttp is not installed: row (d) skipped (pip install -e '.[bench]')")
         systems = [s for s in systems if s.id != "naive-aiohttp"]
@@ -302,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ndone in {elapsed:.0f} s; load average at the end: {load()}")
     for name in args.load_names:
         print(f"\n{TITLES[name]}\n")
-        print(transfer_table(run.results) if name == "stream" else wrk_table(run.results, name))
+        if name == "send":
+            print(send_table(run.send_costs))
+        else:
+            print(transfer_table(run.results) if name == "stream" else wrk_table(run.results, name))
     for note in run.notes:
         print(f"note: {note}")
     write_csv(args.out / "latest.csv", run.results)
@@ -317,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": settings,
             "systems": {s.key: s.label for s in systems},
             "notes": run.notes,
+            "send_cpu_us_per_request": run.send_costs,
             "results": run.results,
         },
     )

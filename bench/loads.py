@@ -59,6 +59,8 @@ def wrk_load(
         "socket_errors": result.socket_errors,
         "timeouts": result.timeouts,
         "server_cpu": cpu,
+        # CPU time of the system's whole process group per answered request.
+        "cpu_us_per_request": cpu / result.rps * 1e6 if result.rps else None,
     }
 
 

@@ -3,7 +3,8 @@
 Results are flat records, one per (measurement, system): ``load`` is one of ``MEASUREMENTS``
 (load 3 is two measurements, download and upload), ``row`` the system's letter. Ratios
 compare the headline figure (req/s or MB/s) with rows (a) direct, (b) nginx proxy and (c)
-naive FastAPI of the same measurement in the same run.
+naive FastAPI of the same measurement in the same run, and, when ``--baseline`` added its
+rows, each Relay row with the same configuration run from the baseline revision.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ MEASUREMENTS = {
     "slow": ("rps", "req/s"),
 }
 BASELINES = {"vs_direct": "a", "vs_nginx": "b", "vs_naive": "c"}
+# Relay rows and their twins run from the ``--baseline`` revision.
+BASELINE_TWINS = {"f": "k", "g": "l", "j": "m"}
 CSV_COLUMNS = [
     "load",
     "row",
@@ -43,9 +46,11 @@ CSV_COLUMNS = [
     "rss_before_mib",
     "rss_growth_mib",
     "server_cpu",
+    "cpu_us_per_request",
     "vs_direct",
     "vs_nginx",
     "vs_naive",
+    "vs_baseline",
     "spans_exported",
     "load_1m",
     "error",
@@ -57,8 +62,10 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         mine = [r for r in results if r["load"] == load]
         base = {r["row"]: r.get(figure) for r in mine if not r.get("error")}
         for record in mine:
-            for column, row in BASELINES.items():
-                value, reference = record.get(figure), base.get(row)
+            twin = BASELINE_TWINS.get(record["row"])
+            references = {**BASELINES, "vs_baseline": twin}
+            for column, row in references.items():
+                value, reference = record.get(figure), base.get(row) if row else None
                 if value is None or not reference or record.get("error"):
                     record[column] = None
                 else:
@@ -88,12 +95,34 @@ def _errors(record: dict[str, Any]) -> list[str]:
     return [_num(record.get("non_2xx")), socket_errors]
 
 
+def send_table(costs: dict[str, float]) -> str:
+    """Load 0: CPU µs per request of each way of sending, and what it adds to the first."""
+    if not costs:
+        return "(not measured)"
+    direct = next(iter(costs.values()))
+    rows = [[name, f"{micros:,.1f}", f"{micros - direct:+,.1f}"] for name, micros in costs.items()]
+    return markdown_table(["way of sending", "CPU µs/req", "added"], rows)
+
+
 def wrk_table(results: list[dict[str, Any]], load: str) -> str:
     figure = MEASUREMENTS[load][0]
-    header = ["system", "req/s", "p50 ms", "p99 ms", "non-2xx", "socket errors", "server CPU"]
+    header = [
+        "system",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "non-2xx",
+        "socket errors",
+        "server CPU",
+        "CPU µs/req",
+    ]
     if figure == "mb_per_s":
         header.insert(1, "MB/s")
     header += ["vs direct", "vs nginx proxy", "vs naive"]
+    ratio_columns = list(BASELINES)
+    if any(r.get("vs_baseline") is not None for r in results if r["load"] == load):
+        header.append("vs baseline")
+        ratio_columns.append("vs_baseline")
     rows = []
     for r in (r for r in results if r["load"] == load):
         if r.get("error"):
@@ -111,10 +140,11 @@ def wrk_table(results: list[dict[str, Any]], load: str) -> str:
             _num(r["p99_ms"], 2) if answered else "-",
             *_errors(r),
             _num(r["server_cpu"], 2),
+            _num(r.get("cpu_us_per_request")),
         ]
         if figure == "mb_per_s":
             cells.insert(1, _num(r["mb_per_s"]))
-        rows.append(cells + [_ratio(r[c]) for c in BASELINES])
+        rows.append(cells + [_ratio(r.get(c)) for c in ratio_columns])
     return markdown_table(header, rows)
 
 
@@ -194,7 +224,7 @@ def write_chart(path: Path, results: list[dict[str, Any]], title: str) -> None:
         return
     rows = sorted({r["row"] for r in results})
     labels = {r["row"]: f"({r['row']}) {r['label']}" for r in results}
-    colours = {row: plt.get_cmap("tab10")(i) for i, row in enumerate("abcdefghij")}
+    colours = {row: plt.get_cmap("tab20")(i) for i, row in enumerate("abcdefghijklmno")}
     width_in = max(11.0, 5.0 * len(panels))
     fig, axes = plt.subplots(1, len(panels), figsize=(width_in, 6.0), squeeze=False)
     for ax, (name, loads, unit) in zip(axes[0], panels, strict=True):

@@ -86,7 +86,7 @@ def main() -> None:
     if settings.server.workers != 1:
         raise SystemExit("the stock-transport harness runs one worker only")
     configure(settings.log)
-    relay = build_relay(Relay(settings, tracing=Tracing.from_env()))
+    relay = build_relay(Relay(settings, tracing=Tracing.from_env(settings.tracing)))
 
     import uvloop
 

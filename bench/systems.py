@@ -11,10 +11,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from common import (
     BENCH,
     LOOPBACK,
+    ROOT,
     Served,
     free_port,
     nginx,
@@ -107,8 +109,16 @@ def raw_aiohttp(ctx: Context) -> AbstractContextManager[Served]:
     return python_proxy("raw_aiohttp.py", ctx)
 
 
-def relay_row(*, workers: int = 1, sampled: str | None = None) -> Starter:
-    """Relay; with ``sampled`` (a trace id ratio), the access log and tracing are on too."""
+def relay_row(
+    *,
+    workers: int = 1,
+    sampled: str | None = None,
+    source: Callable[[], Path] | None = None,
+    instrumentation: str | None = None,
+) -> Starter:
+    """Relay; with ``sampled`` (a trace id ratio), the access log and tracing are on too.
+    ``source``: where the ``service`` package to run is (default: this checkout);
+    ``instrumentation``: ``tracing.instrumentation`` (default: the config's default)."""
 
     @contextmanager
     def start(ctx: Context) -> Iterator[Served]:
@@ -128,6 +138,8 @@ def relay_row(*, workers: int = 1, sampled: str | None = None) -> Starter:
             workers=workers,
             access_log=sampled is not None,
             env=env,
+            source=source() if source is not None else ROOT,
+            instrumentation=instrumentation,
         ) as proc:
             yield proc
 
@@ -157,15 +169,47 @@ SYSTEMS = [
         "Relay, access log and every request traced",
         relay_row(sampled="1"),
     ),
+    System(
+        "n",
+        "relay-native",
+        "Relay, telemetry on, tracing.instrumentation: native (10% traced)",
+        relay_row(sampled="0.1", instrumentation="native"),
+    ),
+    System(
+        "o",
+        "relay-native-traced",
+        "Relay, access log and every request traced, native",
+        relay_row(sampled="1", instrumentation="native"),
+    ),
 ]
 
 
-def select(only: str | None) -> list[System]:
+def baseline_systems(revision: str, source: Callable[[], Path]) -> list[System]:
+    """Rows (k), (l), (m): rows (f), (g), (j) run from an earlier revision's code."""
+    return [
+        System("k", "baseline", f"Relay at {revision}, telemetry off", relay_row(source=source)),
+        System(
+            "l",
+            "baseline-telemetry",
+            f"Relay at {revision}, telemetry on (access log, 10% traced)",
+            relay_row(sampled="0.1", source=source),
+        ),
+        System(
+            "m",
+            "baseline-traced",
+            f"Relay at {revision}, access log and every request traced",
+            relay_row(sampled="1", source=source),
+        ),
+    ]
+
+
+def select(only: str | None, systems: list[System] | None = None) -> list[System]:
     """Systems named in ``only`` (letters or ids, comma-separated), in table order."""
+    systems = list(SYSTEMS) if systems is None else systems
     if not only:
-        return list(SYSTEMS)
+        return systems
     wanted = {name.strip() for name in only.split(",") if name.strip()}
-    known = {s.key for s in SYSTEMS} | {s.id for s in SYSTEMS}
+    known = {s.key for s in systems} | {s.id for s in systems}
     if unknown := wanted - known:
         raise SystemExit(f"unknown rows {sorted(unknown)}; known: {sorted(known)}")
-    return [s for s in SYSTEMS if s.key in wanted or s.id in wanted]
+    return [s for s in systems if s.key in wanted or s.id in wanted]

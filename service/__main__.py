@@ -21,9 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     args = parser.parse_args(argv)
+    from .app import load_app_hook  # the whole app: not needed for --help or --version
+
     config_file = config_path(args.config)
     try:
         settings = load_settings(config_file)
+        load_app_hook(settings.server.app_hook)  # a broken hook stops the start, named
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -1,17 +1,22 @@
-"""App factory: the proxy app with its lifespan, and the admin app sharing its state."""
+"""App factory: the proxy's FastAPI app with its lifespan, and the admin app sharing its state.
+
+The proxy is the FastAPI router's default: it answers every request no route of the app
+matched, so FastAPI's lifespan, exception handling and middleware are the real ones, and
+routes or middleware added to ``Relay.app`` (see ``server.app_hook``) come first.
+"""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Sequence
+import importlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
-from starlette.routing import Router
-from starlette.types import ASGIApp
+from fastapi import FastAPI
 
 from .admin import Health, create_admin_app
-from .config import Settings
+from .config import ConfigError, Settings
 from .exchange import Exchange, ExchangeObserver
 from .logs import AccessLogObserver
 from .metrics import Metrics
@@ -21,6 +26,25 @@ from .upstreams import PoolSnapshot, UpstreamSet
 
 POOL_SAMPLE_SECONDS = 1.0
 GC_THRESHOLDS = (20_000, 20, 20)
+
+AppHook = Callable[[FastAPI], None]
+
+
+def load_app_hook(spec: str | None) -> AppHook | None:
+    """The ``server.app_hook`` function (``module:function``), imported."""
+    if spec is None:
+        return None
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as exc:  # anything the import itself raises is the hook's fault
+        raise ConfigError(f"server.app_hook: cannot load {spec!r}: {exc}") from exc
+    if not callable(target):
+        raise ConfigError(f"server.app_hook: {spec!r} is not callable")
+    hook: AppHook = target
+    return hook
 
 
 class Observers:
@@ -68,14 +92,21 @@ class Relay:
             chain.append(TracingObserver())
         self.observers = Observers(chain)
         self.proxy = Proxy(settings, self.upstreams, self.observers)
-        # Pure ASGI on the proxy listener: the proxy answers every path and handles its own
-        # errors, so a framework's routing, exception and middleware layers would only add
-        # cost (about a tenth of a proxied request's CPU, profiled). The router is here for
-        # its lifespan handling alone.
-        self.router = Router(default=self.proxy, lifespan=self._lifespan, redirect_slashes=False)
-        self.proxy_app: ASGIApp = self.router
+        self.app = FastAPI(
+            title="relay",
+            openapi_url=None,  # no schema, docs or redoc routes: every path is proxied
+            redirect_slashes=False,
+            lifespan=self._lifespan,
+            # Spans come from opentelemetry-instrumentation-fastapi (tracing.Tracing);
+            # FastAPI's own telemetry would trace the same requests a second time.
+            telemetry={"tracing": False, "metrics": False, "logs": False},
+        )
+        self.app.router.default = self.proxy
+        hook = load_app_hook(settings.server.app_hook)
+        if hook is not None:
+            hook(self.app)
         if tracing is not None:
-            self.proxy_app = tracing.instrument_app(self.router)
+            tracing.instrument_app(self.app)
         self.admin_app = create_admin_app(self.health, self.metrics.render)
 
     def _snapshots(self) -> list[PoolSnapshot]:

@@ -138,12 +138,23 @@ class ServerConfig(_Strict):
     # uvicorn answers 503 to a request arriving while this many client connections (idle
     # keep-alive ones and its own included) are open or requests run: null or 0, no limit.
     limit_concurrency: Annotated[int, Field(ge=0)] | None = None
+    # "module:function", called with the proxy's FastAPI app before it starts, in every
+    # worker: routes and middleware of your own (README, *Extending the app*).
+    app_hook: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None
 
 
 class LogConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
     access_log: bool = True
+
+
+class TracingConfig(_Strict):
+    """How spans are made; whether and where they go is the ``OTEL_*`` variables' business."""
+
+    # stock: opentelemetry-instrumentation-fastapi and -httpx. native: the same spans made
+    # directly on the SDK, at a fraction of the cost per request (README, *Tracing*).
+    instrumentation: Literal["stock", "native"] = "stock"
 
 
 class DemoConfig(_Strict):
@@ -184,6 +195,7 @@ class Settings(BaseSettings):
 
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
+    tracing: TracingConfig = TracingConfig()
     demo: DemoConfig = DemoConfig()
     limits: LimitsConfig = LimitsConfig()
     upstreams: dict[Name, UpstreamConfig] = Field(min_length=1)

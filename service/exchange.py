@@ -42,6 +42,7 @@ class Exchange:
     response_bytes: int = 0
     response_started: bool = False
     response_complete: bool = False
+    traced: bool = False  # its outcome is on the server span already
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started

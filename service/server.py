@@ -207,12 +207,12 @@ class Service:
     def __init__(self, settings: Settings, relay: Relay | None = None, *, worker: bool = False):
         install_uvicorn_filters()
         self.settings = settings
-        self.relay = relay or Relay(settings, tracing=Tracing.from_env())
+        self.relay = relay or Relay(settings, tracing=Tracing.from_env(settings.tracing))
         self.worker = worker
         server = settings.server
         self.proxy_server = _Server(
             _uvicorn_config(
-                self.relay.proxy_app,
+                self.relay.app,
                 server.host,
                 server.port,
                 lifespan="on",

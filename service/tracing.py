@@ -1,41 +1,58 @@
 """OpenTelemetry tracing, configured only by the standard ``OTEL_*`` variables.
 
-One server span per proxied request (covering the whole streamed response) and one client
-span per upstream attempt (an httpx transport wrapper *inside* the retry policy, so a
-retried request shows two attempts); see ``spans``. The client span's context is what goes
-upstream in ``traceparent``.
+Spans come from the two stock instrumentations: ``opentelemetry-instrumentation-fastapi``
+puts one server span around each exchange on the proxy app (it ends with the last body
+message, so it covers the streamed body), and ``opentelemetry-instrumentation-httpx``'s
+transport wrapper sits *inside* each upstream's retry policy, so every attempt is one
+client span (a retried request shows two). The client span's context is what goes upstream
+in ``traceparent``. Relay adds its own facts (route, upstream, reason, disconnects) to the
+current span (``TracingObserver``) and to the client span through the instrumentation's
+request hook; there is no second span implementation.
+
+``tracing.instrumentation: native`` swaps both for Relay's own spans of the same shape
+(``native_spans``), for deployments that trace at rates where the stock instrumentations'
+cost per request matters.
 
 Tracing is on when an OTLP endpoint is configured (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER`` names an exporter, and
-off when ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. Off means nothing is
-instrumented at all (no per-request cost) and the proxy is not a hop in the trace: an
-inbound ``traceparent`` then travels upstream as an ordinary end-to-end header.
-Spans are exported by a background thread; a collector that is down costs dropped spans
-and a log line, never a failed request.
+off when ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``. Off means neither
+instrumentation is installed (no per-request cost) and the proxy is not a hop in the trace:
+an inbound ``traceparent`` then travels upstream as an ordinary end-to-end header.
+The instrumentations' own knobs apply (``OTEL_PYTHON_FASTAPI_EXCLUDED_URLS``,
+``OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_*``, ``OTEL_SEMCONV_STABILITY_OPT_IN``; the
+stable HTTP conventions unless the operator chose otherwise). Spans are exported by a
+background thread; a collector that is down costs dropped spans and a log line, never a
+failed request.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from typing import Any, Literal
 
 import httpx
-from opentelemetry import trace
+from fastapi import FastAPI
+from opentelemetry import propagate, trace
+from opentelemetry.instrumentation.utils import suppress_http_instrumentation
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-from opentelemetry.trace import Status, StatusCode
-from starlette.types import ASGIApp
+from opentelemetry.trace import Span, Status, StatusCode
 
+from .config import TracingConfig
 from .errors import FAILURES
 from .exchange import Exchange, Side
-from .spans import ClientSpans, ServerSpans
+from .native_spans import ClientSpans, ServerSpans
 
 log = logging.getLogger("relay.tracing")
 
 DEFAULT_SERVICE_NAME = "relay"
-TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
+SEMCONV_ENV = "OTEL_SEMCONV_STABILITY_OPT_IN"
+UPSTREAM_ATTRIBUTE = "relay.upstream"
+NATIVE_SCOPE = "relay"  # the instrumentation scope of tracing.instrumentation: native
+Instrumentation = Literal["stock", "native"]
 
 
 def _env(name: str) -> str:
@@ -65,30 +82,94 @@ def exporter_from_env() -> SpanExporter | None:
 
 
 class Tracing:
-    """A per-process tracer provider and the instrumentation that uses it."""
+    """A per-process tracer provider and the instrumentation that uses it.
 
-    def __init__(self, processor: SpanProcessor) -> None:
+    The provider is Relay's own, passed to the instrumentations, rather than the global
+    one: several Relays in one process (the tests) each keep their own exporter. Relay's
+    metrics are prometheus-client's, so the instrumentations get a no-op meter provider.
+    """
+
+    def __init__(
+        self, processor: SpanProcessor, instrumentation: Instrumentation = "stock"
+    ) -> None:
+        # The stock instrumentations read this once per process, when the first is set up.
+        os.environ.setdefault(SEMCONV_ENV, "http")
         attributes = {} if _env("OTEL_SERVICE_NAME") else {SERVICE_NAME: DEFAULT_SERVICE_NAME}
         # Sampler: the SDK reads OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG itself.
         self.provider = TracerProvider(resource=Resource.create(attributes))
         self.provider.add_span_processor(processor)
-        self._tracer = self.provider.get_tracer("relay")
+        self.instrumentation = instrumentation
+        self._meters = NoOpMeterProvider()
 
     @classmethod
-    def from_env(cls) -> Tracing | None:
+    def from_env(cls, config: TracingConfig) -> Tracing | None:
         exporter = exporter_from_env()
-        return cls(BatchSpanProcessor(exporter)) if exporter is not None else None
+        if exporter is None:
+            return None
+        return cls(BatchSpanProcessor(exporter), config.instrumentation)
 
-    def instrument_app(self, app: ASGIApp) -> ASGIApp:
-        return ServerSpans(app, self._tracer)
+    def instrument_app(self, app: FastAPI) -> None:
+        """One server span per exchange on ``app`` (before its middleware stack is built)."""
+        if self.instrumentation == "native":
+            app.add_middleware(ServerSpans, tracer=self.provider.get_tracer(NATIVE_SCOPE))
+            return
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(
+            app,
+            tracer_provider=self.provider,
+            meter_provider=self._meters,
+            # A span per ASGI message would be a span per body chunk of a stream.
+            exclude_spans=["receive", "send"],
+        )
 
     def wrap_transport(
         self, upstream: str, inner: httpx.AsyncBaseTransport
     ) -> httpx.AsyncBaseTransport:
-        return ClientSpans(inner, self._tracer, upstream)
+        """One client span per attempt sent through ``inner``."""
+        if self.instrumentation == "native":
+            return ClientSpans(inner, self.provider.get_tracer(NATIVE_SCOPE), upstream)
+        from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
+
+        async def name_upstream(span: Span, request: Any) -> None:
+            if span.is_recording():
+                span.set_attribute(UPSTREAM_ATTRIBUTE, upstream)
+
+        traced = AsyncOpenTelemetryTransport(
+            inner,
+            tracer_provider=self.provider,
+            meter_provider=self._meters,
+            request_hook=name_upstream,
+        )
+        return _SampledOnly(traced)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+class _SampledOnly(httpx.AsyncBaseTransport):
+    """The httpx instrumentation only for requests whose server span records.
+
+    A child of a span that was not sampled is not sampled either (every standard sampler
+    decides alike for one trace), yet the instrumentation builds its attributes, parses
+    the URL again and copies the headers before the sampler is asked: about a third of
+    what tracing costs a request at 10% sampling (README, *Tracing*). For those requests
+    it is suppressed through OpenTelemetry's own switch and only the trace context goes
+    upstream, with the same decision, as the instrumentation would have sent it.
+    """
+
+    def __init__(self, traced: httpx.AsyncBaseTransport) -> None:
+        self._traced = traced
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if trace.get_current_span().is_recording():
+            return await self._traced.handle_async_request(request)
+        propagate.inject(request.headers)
+        with suppress_http_instrumentation():
+            return await self._traced.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._traced.aclose()
 
 
 def current_exemplar() -> dict[str, str] | None:
@@ -111,7 +192,13 @@ class TraceContextFilter(logging.Filter):
 
 
 class TracingObserver:
-    """Names the server span after the route and records the exchange's outcome on it."""
+    """Names the server span after the route and records the exchange's outcome on it.
+
+    The server span is the current span while the proxy handles the exchange. It ends when
+    the last body message is sent, so a proxy error response is recorded before it is sent
+    (``failing``) and anything else when the exchange ends (``finished``): only a response
+    that never completed still has a live span then.
+    """
 
     def started(self, exchange: Exchange) -> None:
         span = trace.get_current_span()
@@ -123,25 +210,18 @@ class TracingObserver:
         if exchange.route is not None:
             span.set_attribute("relay.route", exchange.route)
         if exchange.upstream is not None:
-            span.set_attribute("relay.upstream", exchange.upstream)
+            span.set_attribute(UPSTREAM_ATTRIBUTE, exchange.upstream)
 
     def headers(self, exchange: Exchange) -> None:
         pass
 
-    def __init__(self) -> None:
-        self._recorded: set[int] = set()
-
     def failing(self, exchange: Exchange) -> None:
-        # The server span ends with the last body message, so a proxy error response is
-        # recorded before it is sent.
         self._record(exchange)
-        self._recorded.add(id(exchange))
+        exchange.traced = True
 
     def finished(self, exchange: Exchange) -> None:
-        if id(exchange) in self._recorded:
-            self._recorded.discard(id(exchange))
-            return
-        self._record(exchange)
+        if not exchange.traced:
+            self._record(exchange)
 
     def _record(self, exchange: Exchange) -> None:
         span = trace.get_current_span()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import http.cookiejar
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -262,18 +261,40 @@ class GatedTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-class _NoCookies(http.cookiejar.CookieJar):
-    """A jar that never stores or sends anything.
+class _NoCookies(httpx.Cookies):
+    """A cookie store that never keeps or sends anything.
 
     Set-Cookie from one client's response must never be replayed to another client; the
-    cookies a client sends travel as its own Cookie header. Skipping the jar also skips
-    parsing every Set-Cookie on the hot path.
+    cookies a client sends travel as its own Cookie header.
     """
 
-    def extract_cookies(self, response: object, request: object) -> None:
+    def extract_cookies(self, response: httpx.Response) -> None:
         pass
 
-    def add_cookie_header(self, request: object) -> None:
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        pass
+
+
+class UpstreamClient(httpx.AsyncClient):
+    """The one ``httpx.AsyncClient`` of an upstream: no cookie persistence.
+
+    ``send`` hands every response to ``client.cookies.extract_cookies``. With any cookie
+    jar, httpx first wraps the request and response in urllib compatibility objects
+    (a URL string, a dict of the headers, a ``urllib.request.Request``): over half of what
+    ``send`` costs on top of the transport, profiled. The client's cookie store is
+    therefore one that does nothing, so that work never happens
+    (tests/test_upstreams.py checks httpx still goes through it).
+    """
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: object) -> None:
+        # httpx's __init__ assigns the cookies it was given; there are none to keep.
         pass
 
 
@@ -313,12 +334,11 @@ class Upstream:
             wrap=wrap,
         )
         t = config.timeouts
-        self.client = httpx.AsyncClient(
+        self.client = UpstreamClient(
             transport=self.transport,
             timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
             follow_redirects=False,
             trust_env=False,
-            cookies=_NoCookies(),
         )
         # httpx's defaults (User-Agent, Accept, Accept-Encoding, Connection) would be
         # merged into every proxied request.
@@ -339,16 +359,10 @@ class Upstream:
         return httpx.Request(method, url, headers=headers, stream=body, extensions=extensions)
 
     async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send through the client's transport chain (gate, retry, tracing, pool).
-
-        What ``AsyncClient.send`` adds on top (auth flows, redirects, cookie jars, event
-        hooks) is all off for a proxy, and it cost about a tenth of a proxied request's CPU
-        (profiled), so the proxy calls the transport the client owns directly. The response
-        is the transport's; closing it returns the connection and the gate slot.
-        """
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        return response
+        """Send through the upstream's client and its transport chain (gate, retry,
+        tracing, pool); the response streams, and closing it returns the connection and
+        the gate slot."""
+        return await self.client.send(request, stream=True)
 
     def snapshot(self) -> PoolSnapshot:
         return self.transport.snapshot()

@@ -30,6 +30,8 @@ class ReceivedSpan:
     service_name: str
     attributes: dict[str, object]
     status_code: int
+    scope: str  # the instrumentation scope's name
+    events: tuple[str, ...]
 
 
 class Receiver:
@@ -65,6 +67,8 @@ class Receiver:
                                 service_name=service,
                                 attributes=attributes,
                                 status_code=span.status.code,
+                                scope=scope_spans.scope.name,
+                                events=tuple(event.name for event in span.events),
                             )
                         )
 

@@ -1,7 +1,12 @@
-"""Tracing: span shape in memory, and the real OTLP wire with logs and exemplars agreeing."""
+"""Tracing: span shape in memory, and the real OTLP wire with logs and exemplars agreeing.
+
+Every span-shape check runs twice: with the stock FastAPI and httpx instrumentations (the
+default) and with ``tracing.instrumentation: native``; only the instrumentation scope differs.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -15,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from service.tracing import Tracing, exporter_from_env
+from service.tracing import Instrumentation, Tracing, exporter_from_env
 from tests.harness import (
     RunningRelay,
     ScriptedUpstream,
@@ -33,10 +38,23 @@ from tests.otlp_receiver import ReceivedSpan, otlp_receiver
 from tests.test_metrics_live import demo_config
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+MODES = ["stock", "native"]
+# Instrumentation scope of (server span, client span) in each mode.
+SCOPES = {
+    "stock": ("opentelemetry.instrumentation.fastapi", "opentelemetry.instrumentation.httpx"),
+    "native": ("relay", "relay"),
+}
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> Instrumentation:
+    return request.param  # type: ignore[no-any-return]
 
 
 @pytest.fixture
-async def traced() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter]]:
+async def traced(
+    mode: Instrumentation,
+) -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter]]:
     exporter = InMemorySpanExporter()
     upstream = ScriptedUpstream(
         {"/ok": respond(200, b"ok"), "/stream": endless_stream, "/stale": stale_after_first()}
@@ -52,7 +70,7 @@ async def traced() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream, InMemo
                 {"name": "api-route", "prefix": "/", "upstream": "api"},
             ],
         }
-        tracing = Tracing(SimpleSpanProcessor(exporter))
+        tracing = Tracing(SimpleSpanProcessor(exporter), mode)
         async with run_relay(config, tracing=tracing) as running:
             yield running, upstream, exporter
 
@@ -62,7 +80,7 @@ def by_kind(spans: tuple[ReadableSpan, ...], kind: SpanKind) -> list[ReadableSpa
 
 
 async def test_one_server_and_one_client_span(
-    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
+    traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter], mode: Instrumentation
 ) -> None:
     running, upstream, exporter = traced
     async with httpx.AsyncClient() as client:
@@ -72,6 +90,9 @@ async def test_one_server_and_one_client_span(
     (server,) = by_kind(spans, SpanKind.SERVER)
     (client_span,) = by_kind(spans, SpanKind.CLIENT)
     assert server.name == "GET /"
+    assert client_span.name == "GET"
+    scopes = (server.instrumentation_scope, client_span.instrumentation_scope)
+    assert tuple(scope.name for scope in scopes if scope is not None) == SCOPES[mode]
     assert server.attributes is not None and client_span.attributes is not None
     assert server.attributes["http.route"] == "/"
     assert server.attributes["relay.upstream"] == "api"
@@ -194,7 +215,10 @@ def test_enabled_only_by_otel_env(
     assert (exporter_from_env() is not None) is enabled
 
 
-def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(tmp_path: Path) -> None:
+@pytest.mark.parametrize("instrumentation", MODES)
+def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(
+    tmp_path: Path, instrumentation: str
+) -> None:
     with otlp_receiver() as (endpoint, receiver):
         env = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
@@ -204,6 +228,7 @@ def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(tmp_path: Path) ->
         }
         config = demo_config()
         config["log"] = {"access_log": True, "format": "json"}
+        config["tracing"] = {"instrumentation": instrumentation}
         with spawn_relay(config, tmp_path, env) as relay:
             seen_by_upstream = httpx.get(f"{relay.url}/headers").json()["headers"]
             match = TRACEPARENT.match(seen_by_upstream["traceparent"])
@@ -212,7 +237,14 @@ def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(tmp_path: Path) ->
             metrics = httpx.get(
                 f"{relay.admin_url}/metrics", headers={"accept": "application/openmetrics-text"}
             ).text
-            spans = receiver.wait_for(lambda s: len([x for x in s if x.trace_id == trace_id]) >= 2)
+            for path in ("/healthz", "/readyz"):
+                assert httpx.get(f"{relay.admin_url}{path}").status_code == 200
+            # A client that hangs up mid-stream: the server span still ends, saying so.
+            asyncio.run(raw_request(relay.url, "/stream/100", read_bytes=200))
+            spans = receiver.wait_for(
+                lambda s: len([x for x in s if x.trace_id == trace_id]) >= 2
+                and any("client_disconnect" in x.events for x in s)
+            )
             # Access lines are written in batches, at most 100 ms after the exchange.
             deadline = time.monotonic() + 5
             while '"relay.access"' not in relay.log() and time.monotonic() < deadline:
@@ -224,13 +256,48 @@ def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(tmp_path: Path) ->
         server = [s for s in mine if s.kind == 2]
         client = [s for s in mine if s.kind == 3]
         assert len(server) == 1 and len(client) == 1, mine
+        assert (server[0].scope, client[0].scope) == SCOPES[instrumentation]
         assert client[0].span_id == parent_id
         assert client[0].parent_span_id == server[0].span_id
         assert server[0].service_name == "relay-wire"
+        assert server[0].name == "GET /"
         access = [line for line in log_lines if line.get("logger") == "relay.access"]
-        assert access and access[-1]["trace_id"] == trace_id
-        assert access[-1]["span_id"] == server[0].span_id
+        assert access and access[0]["trace_id"] == trace_id
+        assert access[0]["span_id"] == server[0].span_id
         assert f'trace_id="{trace_id}"' in metrics
+        # The admin listener is not traced: every server span is a proxied request.
+        assert {s.attributes.get("url.path") for s in spans if s.kind == 2} == {
+            "/headers",
+            "/stream/100",
+        }
+        (cut,) = [s for s in spans if "client_disconnect" in s.events]
+        assert cut.kind == 2 and cut.attributes["relay.reason"] == "client_disconnect"
+
+
+@pytest.mark.parametrize("instrumentation", MODES)
+def test_otlp_wire_sampled_out_requests_propagate_and_export_nothing(
+    tmp_path: Path, instrumentation: str
+) -> None:
+    with otlp_receiver() as (endpoint, receiver):
+        env = {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0",
+        }
+        config = demo_config()
+        config["tracing"] = {"instrumentation": instrumentation}
+        with spawn_relay(config, tmp_path, env) as relay:
+            sent = [
+                httpx.get(f"{relay.url}/headers").json()["headers"]["traceparent"]
+                for _ in range(5)
+            ]
+            # A span exported late would arrive within a few schedule delays.
+            time.sleep(0.5)
+        assert all(TRACEPARENT.match(value) for value in sent), sent
+        assert all(int(value[-2:], 16) & 1 == 0 for value in sent), sent  # not sampled
+        assert len({value.split("-")[1] for value in sent}) == 5  # a trace per request
+        assert receiver.spans == []
 
 
 def test_collector_down_never_fails_start_or_requests(tmp_path: Path) -> None:
@@ -266,7 +333,7 @@ def test_every_worker_exports_its_own_spans(tmp_path: Path) -> None:
 
 
 async def test_unsampled_requests_still_carry_trace_context(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, mode: Instrumentation
 ) -> None:
     # Sampled out: nothing recorded, but the upstream still joins the caller's trace, with
     # the sampled flag off, so its own spans follow the same decision.
@@ -278,7 +345,7 @@ async def test_unsampled_requests_still_carry_trace_context(
     async with (
         upstream.running(),
         run_relay(
-            one_upstream(upstream.url), tracing=Tracing(SimpleSpanProcessor(exporter))
+            one_upstream(upstream.url), tracing=Tracing(SimpleSpanProcessor(exporter), mode)
         ) as running,
         httpx.AsyncClient() as client,
     ):

@@ -1,0 +1,66 @@
+"""The proxy listener is a FastAPI app: routes and middleware added through
+``server.app_hook`` are served beside the proxy, over real sockets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from service.app import Relay
+from service.config import Settings
+from tests.harness import ScriptedUpstream, one_upstream, respond, run_relay
+
+pytestmark = pytest.mark.usefixtures("no_error_logs")
+HOOK = "tests.app_hook_example:customize"
+
+
+async def test_app_hook_routes_and_middleware_beside_the_proxy() -> None:
+    upstream = ScriptedUpstream({"/x": respond(200, b"proxied"), "/_relay": respond(200, b"up")})
+    config = {**one_upstream("http://placeholder"), "server": {"app_hook": HOOK}}
+    async with upstream.running():
+        config["upstreams"]["up"]["url"] = upstream.url
+        async with run_relay(config) as relay, httpx.AsyncClient() as client:
+            assert isinstance(relay.relay.app, FastAPI)
+            own = await client.get(f"{relay.url}/_relay/hello")
+            proxied = await client.get(f"{relay.url}/x")
+            # Not the hook's route: the proxy answers everything no app route matched.
+            beside = await client.get(f"{relay.url}/_relay")
+    assert own.json() == {"hello": "from the app hook"}
+    assert own.headers["x-relay-hook"] == "1"
+    assert proxied.content == b"proxied" and proxied.headers["x-relay-hook"] == "1"
+    assert "via" in proxied.headers
+    assert beside.content == b"up"
+    assert [r.path for r in upstream.seen] == ["/x", "/_relay"]
+
+
+def test_relay_is_a_fastapi_app_whose_default_is_the_proxy() -> None:
+    relay = Relay(Settings(**one_upstream("http://127.0.0.1:9")))
+    assert isinstance(relay.app, FastAPI)
+    assert relay.app.router.default is relay.proxy
+    assert relay.app.openapi_url is None  # no schema or docs routes shadow upstream paths
+
+
+@pytest.mark.parametrize(
+    ("hook", "message"),
+    [
+        ("tests.no_such_module:customize", "No module named 'tests.no_such_module'"),
+        ("tests.app_hook_example:missing", "has no attribute 'missing'"),
+        ("tests.app_hook_example:not_callable", "is not callable"),
+    ],
+)
+def test_broken_app_hook_stops_the_start_naming_the_field(hook: str, message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--check-config"],
+        env={"RELAY_SERVER__APP_HOOK": hook, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("relay: server.app_hook: "), result.stderr
+    assert message in lines[0]
