@@ -153,25 +153,3 @@ async def test_fresh_connection_closed_is_not_retried(
     assert await retries(relay) == 0
     assert [r.path for r in upstream.seen] == ["/s", "/ok"]
 
-
-async def test_upstream_client_cookie_store_is_the_one_httpx_consults(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Canary for ``UpstreamClient``: httpx hands every response to ``client.cookies``, so
-    the no-op store really skips the cookie jar's per-request work, and stores nothing."""
-    from service.upstreams import UpstreamClient, _NoCookies
-
-    seen: list[httpx.Response] = []
-    monkeypatch.setattr(_NoCookies, "extract_cookies", lambda self, response: seen.append(response))
-
-    def upstream(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"set-cookie": "session=secret; Path=/"})
-
-    async with UpstreamClient(transport=httpx.MockTransport(upstream)) as client:
-        response = await client.send(httpx.Request("GET", "http://up.test/"), stream=True)
-        await response.aclose()
-        second = await client.send(httpx.Request("GET", "http://up.test/"), stream=True)
-        await second.aclose()
-    assert seen == [response, second]
-    assert len(client.cookies) == 0
-    assert "cookie" not in second.request.headers
