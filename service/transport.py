@@ -229,15 +229,26 @@ class _ClientRequest(aiohttp.ClientRequest):
 
 
 class _ResponseStream(httpx.AsyncByteStream):
+    """The response body as aiohttp reads it: each chunk as soon as it arrives.
+
+    Its own iterator rather than an async generator: a generator per response costs its
+    creation, the event loop's first-iteration hook and a weak reference set entry.
+    """
+
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
         try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
+            chunk = await self._response.content.readany()
         except (TimeoutError, aiohttp.ClientError, HttpProcessingError, OSError) as exc:
             raise _map_error(exc, got_headers=True, reused=False) from exc
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
     async def aclose(self) -> None:
         # release() returns a fully read connection to the pool and closes a partly read
@@ -313,8 +324,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 data = _watched(request.stream, watch)
             else:
                 data = request.stream
-        elif request.content:
-            data = request.content
+        else:
+            data = b"".join(request.stream) or None  # a ByteStream: the bytes, if any
         token = _ATTEMPT.set(info)
         try:
             response = await self._session.request(
