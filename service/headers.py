@@ -49,7 +49,14 @@ CLAIMED_NAMES: frozenset[bytes] = frozenset(
 # form (plus "_") or a bracketed IPv6 literal, then an optional port.
 _HOST = re.compile(rb"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
+# Request fields upstream_request_headers reads and writes itself, never passed through as sent.
+_READ_UPSTREAM: frozenset[bytes] = FORWARDED_NAMES | {b"host", b"via", b"content-length"}
+
 TrustedNetworks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def _connection_tokens(value: bytes) -> list[bytes]:
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -57,14 +64,8 @@ def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]
     names: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            names.update(_connection_tokens(value))
     return frozenset(names)
-
-
-def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
-    headers = list(headers)
-    drop = HOP_BY_HOP | connection_named(headers)
-    return [(n, v) for n, v in headers if n.lower() not in drop]
 
 
 def peer_is_trusted(peer: str | None, trusted: TrustedNetworks) -> bool:
@@ -150,6 +151,19 @@ class RequestContext:
     host: bytes | None
 
 
+def _lowered_and_dropped(raw: Iterable[tuple[bytes, bytes]]) -> tuple[RawHeaders, set[bytes]]:
+    """Names lowercased, and the hop-by-hop names: the fixed ones plus any that a
+    ``Connection`` field lists (one pass: this runs twice per proxied request)."""
+    lowered: RawHeaders = []
+    drop = set(HOP_BY_HOP)
+    for name, value in raw:
+        name = name.lower()
+        lowered.append((name, value))
+        if name == b"connection":
+            drop.update(_connection_tokens(value))
+    return lowered, drop
+
+
 def upstream_request_headers(
     raw: Iterable[tuple[bytes, bytes]],
     ctx: RequestContext,
@@ -160,24 +174,34 @@ def upstream_request_headers(
     trusted: TrustedNetworks,
 ) -> RawHeaders:
     """Headers to send upstream: hop-by-hop removed, Host set, Via and X-Forwarded-* added."""
-    lowered = [(n.lower(), v) for n, v in raw]
-    headers = strip_hop_by_hop(lowered)
+    lowered, drop = _lowered_and_dropped(raw)
     trusted_peer = peer_is_trusted(ctx.peer, trusted)
-
-    prior_for = _joined(headers, b"x-forwarded-for") if trusted_peer else None
-    prior_proto = first_value(headers, b"x-forwarded-proto") if trusted_peer else None
-    prior_host = first_value(headers, b"x-forwarded-host") if trusted_peer else None
-    prior_via = _joined(headers, b"via")
-    prior_forwarded = _joined(headers, b"forwarded") if trusted_peer else None
-
-    out = [
-        (n, v)
-        for n, v in headers
-        if n not in FORWARDED_NAMES
-        and n not in (b"host", b"via", b"content-length")
-        and (trusted_peer or n not in CLAIMED_NAMES)
-    ]
-    length = first_value(headers, b"content-length")
+    if not trusted_peer:
+        drop |= CLAIMED_NAMES
+    prior_for: list[bytes] = []
+    prior_via: list[bytes] = []
+    prior_forwarded: list[bytes] = []
+    prior_proto = prior_host = length = None
+    out: RawHeaders = []
+    for name, value in lowered:
+        if name in drop:
+            continue
+        if name in _READ_UPSTREAM:
+            if name == b"via":
+                prior_via.append(value)
+            elif name == b"content-length":
+                length = value if length is None else length
+            elif trusted_peer:
+                if name == b"x-forwarded-for":
+                    prior_for.append(value)
+                elif name == b"x-forwarded-proto":
+                    prior_proto = value if prior_proto is None else prior_proto
+                elif name == b"x-forwarded-host":
+                    prior_host = value if prior_host is None else prior_host
+                elif name == b"forwarded":
+                    prior_forwarded.append(value)
+            continue
+        out.append((name, value))
     if length is not None and (canonical := _canonical_length(length)) is not None:
         # Canonical digits ("005" is 5): the upstream must read the same length we framed.
         out.append((b"content-length", canonical))
@@ -185,12 +209,13 @@ def upstream_request_headers(
     out.insert(0, (b"host", host))
 
     hop = f"{ctx.http_version} ".encode() + via_name
-    out.append((b"via", prior_via + b", " + hop if prior_via else hop))
+    out.append((b"via", b", ".join([*prior_via, hop])))
+    forwarded_for = b", ".join(prior_for) if prior_for else None
     if ctx.peer is not None:
         peer = ctx.peer.encode()
-        out.append((b"x-forwarded-for", prior_for + b", " + peer if prior_for else peer))
-    elif prior_for:
-        out.append((b"x-forwarded-for", prior_for))
+        out.append((b"x-forwarded-for", forwarded_for + b", " + peer if forwarded_for else peer))
+    elif forwarded_for:
+        out.append((b"x-forwarded-for", forwarded_for))
     out.append((b"x-forwarded-proto", prior_proto or ctx.scheme.encode()))
     forwarded_host = prior_host or ctx.host
     if forwarded_host:
@@ -202,7 +227,7 @@ def upstream_request_headers(
             element = b"for=" + _forwarded_node(ctx.peer) + b";" + element
         if ctx.host:
             element += b";host=" + _quoted(ctx.host)
-        out.append((b"forwarded", prior_forwarded + b", " + element))
+        out.append((b"forwarded", b", ".join([*prior_forwarded, element])))
     return out
 
 
@@ -214,18 +239,24 @@ def downstream_response_headers(
     status: int | None = None,
 ) -> RawHeaders:
     """Headers to send to the client: hop-by-hop removed and this hop added to ``Via``."""
-    lowered = [(n.lower(), v) for n, v in raw]
-    headers = strip_hop_by_hop(lowered)
+    lowered, drop = _lowered_and_dropped(raw)
     if status in (204, 304) or any(n == b"transfer-encoding" for n, _ in lowered):
         # No body follows a 204 or 304, whatever Content-Length says (a 304 may carry the
         # representation's), and the ASGI server would wait for that many bytes. With
         # Transfer-Encoding, that framing overrides Content-Length (RFC 9112 6.3): a proxy
         # must not forward the Content-Length with the decoded body.
-        headers = [(n, v) for n, v in headers if n != b"content-length"]
-    prior_via = _joined(headers, b"via")
-    out = [(n, v) for n, v in headers if n != b"via"]
+        drop.add(b"content-length")
+    prior_via: list[bytes] = []
+    out: RawHeaders = []
+    for name, value in lowered:
+        if name in drop:
+            continue
+        if name == b"via":
+            prior_via.append(value)
+        else:
+            out.append((name, value))
     hop = f"{http_version} ".encode() + via_name
-    out.append((b"via", prior_via + b", " + hop if prior_via else hop))
+    out.append((b"via", b", ".join([*prior_via, hop])))
     return out
 
 

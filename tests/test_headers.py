@@ -15,7 +15,6 @@ from service.headers import (
     RequestContext,
     downstream_response_headers,
     has_body,
-    strip_hop_by_hop,
     upstream_request_headers,
 )
 from tests.harness import (
@@ -65,7 +64,15 @@ def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:
         (b"X-Other", b"1"),
         (b"X-Kept", b"2"),
     ]
-    assert names(strip_hop_by_hop((n.lower(), v) for n, v in raw)) == {b"x-kept"}
+    out = downstream_response_headers(raw, http_version="1.1", via_name=b"relay", status=200)
+    assert names(out) == {b"x-kept", b"via"}
+    ctx = RequestContext("192.0.2.1", "http", "1.1", b"edge")
+    sent = upstream_request_headers(
+        raw, ctx, upstream_authority=b"up", preserve_host=False, via_name=b"relay", trusted=[]
+    )
+    assert names(sent) == {b"x-kept", b"host", b"via", b"x-forwarded-for", b"x-forwarded-proto"} | {
+        b"x-forwarded-host"
+    }
 
 
 def test_request_headers_untrusted_peer_drops_forwarded_values() -> None:
