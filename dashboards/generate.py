@@ -44,6 +44,7 @@ DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'job=~"$job", namespace=~"$namespace", instance=~"$instance"'
 SELU = SEL + ', upstream=~"$upstream"'
 RI = "$__rate_interval"
+LEVEL = "cluster_namespace_upstream"  # the SLO recording rules' level
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,9 @@ def overview() -> dict[str, Any]:
           [Q(f"sum by (code) (rate(relay_requests_total{{{SELU}}}[{RI}]))", "{{code}}")],
           "reqps", "499: the client hung up before the response headers."),
         P("Error budget burn rate (1h)", [
-            Q(f"upstream:relay_requests_errors:ratio_rate1h{{{slo_sel}}} / {1 - errors_target:g}",
+            Q(f"{LEVEL}:relay_requests_errors:ratio_rate1h{{{slo_sel}}} / {1 - errors_target:g}",
               "errors {{upstream}}"),
-            Q(f"upstream:relay_requests_slow:ratio_rate1h{{{slo_sel}}} / {1 - latency_target:g}",
+            Q(f"{LEVEL}:relay_requests_slow:ratio_rate1h{{{slo_sel}}} / {1 - latency_target:g}",
               f"slower than {threshold:g}s {{{{upstream}}}}"),
         ], "short",
           f"How fast each SLO's budget burns: 1 = exactly on budget. Availability target "

@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.alert_rules import plain_groups, rules_of
 from tests.dashboard_queries import DASHBOARDS, load, panel_queries
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIABLES = {"datasource", "job", "namespace", "instance", "upstream"}
 # Metric names, not the recording rules (``level:metric:operation``) that embed them.
 METRIC = re.compile(r"(?<![:\w])(relay_[a-z_]+|process_[a-z_]+|up)\b(?!:)")
-RECORD = re.compile(r"\b(upstream:[a-z_]+:[a-z_0-9]+)\b")
+RECORD = re.compile(r"\b([a-z_]+:[a-z_]+:[a-z_0-9]+)\b")
 
 
 def test_committed_json_equals_generator_output() -> None:
@@ -70,7 +71,7 @@ def test_structure(path: Path) -> None:
         for target in panel["targets"]:
             expr = target["expr"]
             assert expr.strip()
-            assert 'job=~"$job"' in expr or expr.startswith("upstream:"), expr
+            assert 'job=~"$job"' in expr or RECORD.match(expr), expr
             if "upstream" in expr and "relay_" in expr and "by (instance)" not in expr:
                 assert 'upstream=~"$upstream"' in expr, expr
         latency = ("relay_request_duration_seconds", "relay_upstream_response_headers_seconds")
@@ -94,8 +95,7 @@ def test_queries_use_only_exposed_metrics() -> None:
 
 
 def test_recording_rules_used_exist() -> None:
-    rule = yaml.safe_load((ROOT / "k8s" / "base" / "prometheusrule.yaml").read_text())
-    records = {r["record"] for g in rule["spec"]["groups"] for r in g["rules"] if "record" in r}
+    records = {r["record"] for r in rules_of(plain_groups()) if "record" in r}
     used = {m for p in DASHBOARDS for _, e in panel_queries(load(p)) for m in RECORD.findall(e)}
     assert used, "the burn-rate panel reads the SLO recording rules"
     assert used <= records, used - records
