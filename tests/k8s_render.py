@@ -11,12 +11,12 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["base", "overlays/dev", "overlays/production"]
+TARGETS = ["base", "overlays/dev", "overlays/production", "overlays/local"]
 
 
 def kubectl() -> str:
     path = shutil.which("kubectl")
-    assert path, "kubectl is required (kubectl kustomize); CI installs it"
+    assert path, "kubectl not found on PATH (kubectl kustomize): apt-get install kubectl"
     return path
 
 
