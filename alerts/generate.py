@@ -6,7 +6,7 @@ whose ``kustomization.yaml`` lists ``prometheusrule.yaml`` in its resources, sco
 overlay's ``namespace``: each deployment's rules see only its own series, so an incident
 pages once, from the deployment it happens in. Its ``spec.groups`` is, unchanged, a plain
 Prometheus rules file. Targets, thresholds and windows live only in ``alerts/slo.yaml``; the
-rule shapes are in ``alerts/relay_rules.py``.
+rule shapes are in ``alerts/relay_rules.py`` (SLOs) and ``alerts/relay_alerts.py``.
 
     python alerts/generate.py                       # rewrite the overlays' PrometheusRules
     python alerts/generate.py --check               # exit 1 if a committed file is stale
@@ -28,15 +28,15 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # relay_rules.py sits next to this script
+sys.path.insert(0, str(HERE))  # relay_rules.py and relay_alerts.py sit next to it
 
+from relay_alerts import groups  # noqa: E402
 from relay_rules import (  # noqa: E402
     LATENCY_BUCKETS,
     BurnRate,
     Config,
     ConfigError,
     Scope,
-    groups,
     le_matcher,
     seconds,
 )
