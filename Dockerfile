@@ -2,17 +2,22 @@
 #   docker build -t relay:0.1.0 .
 # Runs as UID 10001 with a read-only root filesystem; the only writable path it needs is
 # /tmp (an emptyDir in Kubernetes), for prometheus-client's multiprocess files.
+#
+# Reproducible: the base image is pinned by digest (the tag says which release it is; change
+# both together, e.g. after `docker buildx imagetools inspect python:3.11.13-slim-bookworm`),
+# and every Python package by constraints.txt.
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
 
-FROM python:3.11-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/relay
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY service ./service
-RUN /opt/relay/bin/pip install . \
+RUN /opt/relay/bin/pip install --constraint constraints.txt . \
  && /opt/relay/bin/python -m compileall -q /opt/relay
 
-FROM python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/relay/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

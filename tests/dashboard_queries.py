@@ -1,4 +1,5 @@
-"""Every query of the committed dashboards, with Grafana's variables substituted."""
+"""Every query of the committed dashboards (panels and annotations), with Grafana's
+variables substituted."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARDS = sorted((Path(__file__).resolve().parent.parent / "dashboards").glob("*.json"))
+MATCH_ALL = {"cluster": ".*", "namespace": ".*", "job": ".*", "instance": ".*", "upstream": ".*"}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -26,9 +28,20 @@ def panel_queries(
     dashboard: dict[str, Any], values: dict[str, str] | None = None
 ) -> list[tuple[str, str]]:
     """(panel title, query) for every target; variables default to match-all."""
-    chosen = {"job": ".*", "namespace": ".*", "instance": ".*", "upstream": ".*", **(values or {})}
+    chosen = {**MATCH_ALL, **(values or {})}
     out = []
     for panel in dashboard["panels"]:
         for target in panel.get("targets", []):
             out.append((panel["title"], substitute(target["expr"], chosen)))
     return out
+
+
+def annotation_queries(
+    dashboard: dict[str, Any], values: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """(annotation name, query) for every annotation of the dashboard."""
+    chosen = {**MATCH_ALL, **(values or {})}
+    return [
+        (annotation["name"], substitute(annotation["target"]["expr"], chosen))
+        for annotation in dashboard["annotations"]["list"]
+    ]

@@ -12,7 +12,7 @@ import yaml
 from tests.tools import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS = ["base", "overlays/dev", "overlays/production"]
+TARGETS = ["base", "overlays/dev", "overlays/production", "overlays/local"]
 
 
 def kubectl() -> str:

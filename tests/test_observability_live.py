@@ -1,11 +1,19 @@
 """Alerts and dashboards against the real thing: a real Prometheus, with the shipped rules,
-scraping a running proxy under traffic that includes faults."""
+scraping running proxies under traffic that includes faults.
+
+The dashboard check runs once per entry of SETUPS: a way to start Relay (in-process, or as
+a process with several workers) and the traffic that gives every panel data. Adding a setup
+is adding an entry.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.dashboard_queries import DASHBOARDS, load, panel_queries
+from tests.alert_rules import PENDING_METRICS, plain_groups
+from tests.dashboard_queries import DASHBOARDS, annotation_queries, load, panel_queries
 from tests.harness import (
     RunningRelay,
     ScriptedUpstream,
@@ -30,17 +39,15 @@ from tests.harness import (
 )
 from tests.prometheus_server import Prometheus, prometheus
 
-ROOT = Path(__file__).resolve().parent.parent
-RULE = ROOT / "k8s" / "base" / "prometheusrule.yaml"
-
 
 def shipped_rules(tmp_path: Path) -> Path:
-    """The PrometheusRule's groups as a rules file, with every ``for`` cut to zero.
+    """The plain rules file (every namespace: this Prometheus attaches none), with every
+    ``for`` cut to zero.
 
     The expressions are the shipped ones; only the hold times (minutes in production) are
     removed so a test can watch the alerts reach ``firing``.
     """
-    groups = yaml.safe_load(RULE.read_text())["spec"]["groups"]
+    groups = plain_groups()
     for group in groups:
         for rule in group["rules"]:
             if "alert" in rule:
@@ -50,8 +57,10 @@ def shipped_rules(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-async def relay_under_test() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
+@asynccontextmanager
+async def faulty_relay() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
+    """An in-process Relay in front of an upstream that answers, fails, stalls and resets,
+    a two-connection pool, and a port with nothing listening."""
     upstream = ScriptedUpstream(
         {
             "/ok": respond(200, b"ok"),
@@ -96,7 +105,8 @@ async def drive_faults(relay: RunningRelay, upstream: ScriptedUpstream, rounds: 
             await client.get("/missing")
             await client.get("/fail")
             await client.get("/slow")
-            await client.get("/dead/x")
+            # Refused connections, enough of them for the connect-failure floor (0.1/s).
+            await asyncio.gather(*(client.get("/dead/x") for _ in range(5)))
             await client.get("/nowhere")  # no route
             with contextlib.suppress(httpx.HTTPError):
                 await client.get("/reset")
@@ -109,17 +119,45 @@ async def drive_faults(relay: RunningRelay, upstream: ScriptedUpstream, rounds: 
             async with httpx.AsyncClient(base_url=relay.url) as fresh:
                 await fresh.get("/stale")
                 await fresh.get("/stale")
-            # Saturate the tight pool: two held, the rest wait and some time out.
+            # Saturate the tight pool: two held, the rest wait and time out; enough of them
+            # that the pool-timeout ratio passes its 1 request/s floor within a minute.
             await asyncio.gather(
                 *(client.get("/tight/hold") for _ in range(2)),
-                *(client.get("/tight/ok") for _ in range(4)),
+                *(client.get("/tight/ok") for _ in range(20)),
                 return_exceptions=True,
             )
 
 
+@dataclass
+class Target:
+    """A running Relay as the dashboard check sees it."""
+
+    admin: str  # host:port that Prometheus scrapes
+    upstreams: str  # a value of $upstream covering its upstreams
+    drive: Callable[[], Awaitable[None]]  # one round of traffic
+    # After the traffic, before the panels are read (e.g. kill a worker and wait for the
+    # restart to show); given the running Prometheus.
+    settle: Callable[[Prometheus], Awaitable[None]] = field(default=lambda _: asyncio.sleep(0))
+
+
+@asynccontextmanager
+async def one_worker(tmp_path: Path) -> AsyncIterator[Target]:
+    async with faulty_relay() as (relay, upstream):
+        yield Target(
+            admin=relay.admin_url.removeprefix("http://"),
+            upstreams="api|tight|dead",
+            drive=lambda: drive_faults(relay, upstream, rounds=1),
+        )
+
+
+# name -> how to start it (given a temp dir). The two-worker setup joins here.
+SETUPS: dict[str, Callable[[Path], AbstractAsyncContextManager[Target]]] = {
+    "one worker": one_worker,
+}
+
+
 @contextlib.contextmanager
-def scraping(relay: RunningRelay, rules: Path) -> Iterator[Prometheus]:
-    admin = relay.admin_url.removeprefix("http://")
+def scraping(admin: str, rules: Path) -> Iterator[Prometheus]:
     with prometheus(
         [admin],
         rule_files=[rules],
@@ -137,52 +175,99 @@ async def firing(prom: Prometheus) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-async def test_alerts_fire_and_every_dashboard_query_returns_data(
-    relay_under_test: tuple[RunningRelay, ScriptedUpstream], tmp_path: Path
-) -> None:
-    relay, upstream = relay_under_test
-    with scraping(relay, shipped_rules(tmp_path)) as prom:
-        await asyncio.to_thread(prom.wait_for, 'up{job="relay"} == 1')
-        wanted = {
-            "RelayPoolSaturated",
-            "RelayClientDisconnectSpike",
-            "RelayUpstreamResetSpike",
-            "RelayPoolTimeouts",
-        }
-        alerts: dict[str, list[dict[str, Any]]] = {}
-        deadline = asyncio.get_running_loop().time() + 90
-        async with httpx.AsyncClient(timeout=10) as holder:
-            while not wanted <= set(alerts):
-                assert asyncio.get_running_loop().time() < deadline, sorted(alerts)
-                # Keep the tight pool full across scrapes while the faults run.
-                hold = asyncio.gather(
-                    *(holder.get(f"{relay.url}/tight/hold") for _ in range(2)),
-                    return_exceptions=True,
-                )
-                await drive_faults(relay, upstream, rounds=1)
-                await hold
-                alerts = await firing(prom)
-        saturated = alerts["RelayPoolSaturated"][0]
-        assert saturated["labels"]["upstream"] == "tight"
-        assert saturated["labels"]["severity"] == "warning"
-        assert saturated["annotations"]["runbook_url"].endswith("#relaypoolsaturated")
-        assert {a["labels"]["upstream"] for a in alerts["RelayClientDisconnectSpike"]} == {"api"}
-        assert {a["labels"]["upstream"] for a in alerts["RelayUpstreamResetSpike"]} == {"api"}
-        # Nothing pages for an upstream that was never called.
-        assert not any(a["labels"].get("upstream") == "unused" for v in alerts.values() for a in v)
-        await eventually(lambda: relay.relay.upstreams()["tight"].snapshot().in_use == 0, 10)
+async def test_alerts_fire_against_a_real_prometheus(tmp_path: Path) -> None:
+    async with faulty_relay() as (relay, upstream):
+        with scraping(relay.admin_url.removeprefix("http://"), shipped_rules(tmp_path)) as prom:
+            await asyncio.to_thread(prom.wait_for, 'up{job="relay"} == 1')
+            wanted = {
+                "RelayPoolSaturated",
+                "RelayClientDisconnectSpike",
+                "RelayUpstreamResetSpike",
+                "RelayPoolTimeouts",
+                "RelayUpstreamConnectFailures",
+            }
+            alerts: dict[str, list[dict[str, Any]]] = {}
+            deadline = asyncio.get_running_loop().time() + 90
+            async with httpx.AsyncClient(timeout=10) as holder:
+                while not wanted <= set(alerts):
+                    missing = sorted(wanted - set(alerts))
+                    assert asyncio.get_running_loop().time() < deadline, missing
+                    # Keep the tight pool full across scrapes while the faults run.
+                    hold = asyncio.gather(
+                        *(holder.get(f"{relay.url}/tight/hold") for _ in range(2)),
+                        return_exceptions=True,
+                    )
+                    await drive_faults(relay, upstream, rounds=1)
+                    await hold
+                    alerts = await firing(prom)
+            saturated = alerts["RelayPoolSaturated"][0]
+            assert saturated["labels"]["upstream"] == "tight"
+            assert saturated["labels"]["severity"] == "warning"
+            assert saturated["annotations"]["runbook_url"].endswith("#relaypoolsaturated")
+            for name in ("RelayClientDisconnectSpike", "RelayUpstreamResetSpike"):
+                assert {a["labels"]["upstream"] for a in alerts[name]} == {"api"}, name
+            assert {a["labels"]["upstream"] for a in alerts["RelayUpstreamConnectFailures"]} == {
+                "dead"
+            }
+            assert {a["labels"]["owner"] for a in alerts["RelayUpstreamResetSpike"]} == {"upstream"}
+            # Relay is up: what pages when it is not stays quiet.
+            assert not {"RelayDown", "RelayAbsent", "RelayTargetDown"} & set(alerts)
+            await eventually(lambda: relay.relay.upstreams()["tight"].snapshot().in_use == 0, 10)
 
-        # Every panel of every dashboard, variables set as a user would pick them.
-        values = {
-            "job": "relay",
-            "namespace": ".*",
-            "instance": relay.admin_url[7:],
-            "upstream": "api|tight|dead",
-        }
-        empty = []
-        for path in DASHBOARDS:
-            for title, expr in panel_queries(load(path), values):
-                result = await asyncio.to_thread(prom.query, expr)
-                if not result:
-                    empty.append(f"{path.stem} / {title}: {expr}")
-        assert not empty, "panels without data:\n" + "\n".join(empty)
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"(?<![:\w])((?:relay|process)_[a-z_]+)\b(?!:)", expr))
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+async def test_every_dashboard_query_returns_data(setup: str, tmp_path: Path) -> None:
+    """Every panel and annotation of every dashboard, with the variables set as Grafana sets
+    them for a Relay outside Kubernetes (no cluster or namespace label: empty values), gets
+    data from a real Prometheus. Only series of metrics this Relay does not expose yet (the
+    contract in PENDING_METRICS) may be missing, and only from queries that read nothing
+    else.
+    """
+    async with SETUPS[setup](tmp_path) as target:
+        with scraping(target.admin, shipped_rules(tmp_path)) as prom:
+            await asyncio.to_thread(prom.wait_for, 'up{job="relay"} == 1')
+            await target.drive()
+            await target.settle(prom)
+            exposed = {
+                sample["metric"]["__name__"]
+                for sample in await asyncio.to_thread(prom.query, '{job="relay"}')
+            }
+            values = {
+                "cluster": "",
+                "namespace": "",
+                "job": "relay",
+                "instance": target.admin,
+                "upstream": target.upstreams,
+            }
+            queries = [
+                (f"{path.stem} / {title}", expr)
+                for path in DASHBOARDS
+                for title, expr in [
+                    *panel_queries(load(path), values),
+                    *annotation_queries(load(path), values),
+                ]
+            ]
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                empty = [
+                    (where, expr)
+                    for where, expr in queries
+                    if not await asyncio.to_thread(prom.query, expr)
+                ]
+                pending = PENDING_METRICS - exposed
+                unexplained = [
+                    f"{where}: {expr}"
+                    for where, expr in empty
+                    if not metric_names(expr) or not metric_names(expr) <= pending
+                ]
+                if not unexplained or asyncio.get_running_loop().time() > deadline:
+                    break
+                await target.drive()  # rates and recorded ratios need a few more scrapes
+            assert not unexplained, "queries without data:\n" + "\n".join(unexplained)
+            # What is excused reads only metrics on their way, none that this Relay has.
+            for where, expr in empty:
+                assert metric_names(expr) <= PENDING_METRICS - exposed, where
