@@ -28,7 +28,6 @@ from .app import Relay
 from .coalesce import CoalescedWrites
 from .config import Settings
 from .demo import create_demo_app
-from .exchange import ExchangeObserver
 from .limits import guarded_protocol
 from .listeners import EXIT_CANNOT_START, Listeners, bind_listeners
 from .logs import install_uvicorn_filters
@@ -144,10 +143,16 @@ class _DrainSafe(HttpToolsProtocol):
             self.transport.close()
 
 
-def _proxy_protocol(settings: Settings, observer: ExchangeObserver) -> type[HttpToolsProtocol]:
+def _proxy_protocol(settings: Settings, relay: Relay) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol for the proxy listener, in one place: the drain above,
-    coalesced response writes, and the request limits and hostile-input checks."""
-    limited = guarded_protocol(settings.limits, server_name=settings.server.name, observer=observer)
+    coalesced response writes, the request limits and hostile-input checks, and the proxy's
+    own answer to requests over ``server.limit_concurrency``."""
+    limited = guarded_protocol(
+        settings.limits,
+        server_name=settings.server.name,
+        observer=relay.observers,
+        overloaded=relay.proxy.overloaded,
+    )
     return type("RelayHttpToolsProtocol", (_DrainSafe, CoalescedWrites, limited), {})
 
 
@@ -218,7 +223,7 @@ class Service:
                 lifespan="on",
                 backlog=server.backlog,
                 timeout_graceful_shutdown=server.grace_period_seconds,
-                http=_proxy_protocol(settings, self.relay.observers),
+                http=_proxy_protocol(settings, self.relay),
                 limit_concurrency=server.limit_concurrency or None,
             )
         )
@@ -339,6 +344,11 @@ class Service:
             await asyncio.gather(*background, return_exceptions=True)
             for sig in (*STOP_SIGNALS, CUT_SIGNAL):
                 loop.remove_signal_handler(sig)
+                if self.worker:
+                    # Drained: a stop or cut the supervisor sends from now on (a second
+                    # signal racing this exit) has nothing left to do, and must not turn a
+                    # clean exit into death by signal.
+                    signal.signal(sig, signal.SIG_IGN)
         if not self.proxy_server.started:
             raise SystemExit(EXIT_CANNOT_START)
         log.info("stopped (pid %d)", os.getpid())
