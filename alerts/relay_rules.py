@@ -27,7 +27,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 CONNECT_REASONS = ("connect", "connect_timeout")
 ROUTED = 'upstream!="-"'
 NOT_499 = 'code!="499"'
-CODE_5XX = 'code=~"5.."'
 
 
 _DURATION = re.compile(r"^([0-9]+)([smhdw])$")
@@ -197,18 +196,12 @@ def slo_records(cfg: Config, scope: Scope, sli: str) -> list[dict[str, Any]]:
 
 
 def errors_rates(scope: Scope, window: str) -> tuple[str, str]:
-    """Availability. Bad: a 5xx, or a response cut short after a non-5xx status was sent
-    (counted once: Relay counts a truncation only when the status was not a 5xx). Valid:
-    every routed request except 499 (the client hung up before the response)."""
+    """Availability. Bad: relay_requests_failed_total, each request once: a 5xx, or a response
+    cut short after its status was sent (series start at 0 for every route, so the first
+    failure of a pod counts). Valid: every routed request except 499 (the client hung up
+    before the response)."""
     valid = f"relay_requests_total{{{scope.raw(ROUTED, NOT_499)}}}[{window}]"
-    bad = f"""\
-sum by ({BY}) (
-    rate(relay_requests_total{{{scope.raw(ROUTED, CODE_5XX)}}}[{window}])
-  or
-    rate(relay_responses_truncated_total{{{scope.raw(ROUTED)}}}[{window}])
-  or
-    0 * rate({valid})
-)"""
+    bad = f"sum by ({BY}) (rate(relay_requests_failed_total{{{scope.raw(ROUTED)}}}[{window}]))"
     return bad, f"sum by ({BY}) (rate({valid}))"
 
 

@@ -92,10 +92,7 @@ def le(threshold: float) -> str:
 def errors_by_route() -> str:
     """The availability SLI per upstream and route (the recording rules keep upstreams only)."""
     valid = f'relay_requests_total{{{SELU}, code!="499"}}[{RI}]'
-    bad = (
-        f'rate(relay_requests_total{{{SELU}, code=~"5.."}}[{RI}]) '
-        f"or rate(relay_responses_truncated_total{{{SELU}}}[{RI}]) or 0 * rate({valid})"
-    )
+    bad = f"rate(relay_requests_failed_total{{{SELU}}}[{RI}])"
     return f"sum by (upstream, route) ({bad}) / sum by (upstream, route) (rate({valid}))"
 
 

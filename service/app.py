@@ -85,6 +85,9 @@ class Relay:
         self.tracing = tracing
         self._upstreams: UpstreamSet | None = None
         self.metrics = Metrics(self._snapshots, exemplar=current_exemplar if tracing else None)
+        self.metrics.start_at_zero(
+            settings.upstreams, [(route.upstream, route.label) for route in settings.routes]
+        )
         chain: list[ExchangeObserver] = [self.metrics, *observers]
         if settings.log.access_log:
             chain.insert(0, AccessLogObserver())

@@ -28,6 +28,7 @@ class Reason(StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     INTERNAL = "internal"
     SHUTDOWN = "shutdown"
+    OVERLOADED = "overloaded"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ FAILURES: dict[Reason, Failure] = {
     # Still in flight when the drain's grace period ran out (or a second stop signal came).
     Reason.SHUTDOWN: Failure(
         503, "proxy_internal_error", "proxy shut down before the request completed"
+    ),
+    # Refused at once: the worker already holds server.limit_concurrency connections or
+    # requests. Answered by the proxy itself, without contacting the upstream.
+    Reason.OVERLOADED: Failure(
+        503, "proxy_internal_response", "proxy at its limit of concurrent requests"
     ),
 }
 

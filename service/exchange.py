@@ -59,6 +59,27 @@ class Exchange:
             self.disconnect_phase = Phase.BODY if self.response_started else Phase.BEFORE_HEADERS
 
     @property
+    def truncated(self) -> bool:
+        """The status line went out but the body was cut short, not by the client."""
+        return (
+            self.response_started
+            and not self.response_complete
+            and self.disconnect_side is not Side.CLIENT
+        )
+
+    @property
+    def failed(self) -> bool:
+        """A failure for the availability SLI: a 5xx the client did not walk away from, or a
+        truncated response. Counted once, whichever both are."""
+        if self.truncated:
+            return True
+        return (
+            self.status is not None
+            and self.status >= 500
+            and self.disconnect_side is not Side.CLIENT
+        )
+
+    @property
     def outcome(self) -> str:
         """One word for logs: ok, the failure reason, or who hung up. ``ok`` only for an
         exchange whose response was sent in full; one that ended otherwise without a known

@@ -25,6 +25,8 @@ from http import HTTPStatus
 from typing import Any, ClassVar
 
 import httptools
+from starlette.types import ASGIApp
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from .config import LimitsConfig
@@ -76,6 +78,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     limits: ClassVar[LimitsConfig] = LimitsConfig()
     server_name: ClassVar[str] = "relay"
     observer: ClassVar[ExchangeObserver | None] = None
+    # Answers requests over server.limit_concurrency in place of uvicorn's bare 503.
+    overloaded: ClassVar[ASGIApp | None] = None
     # Bytes a head (or a chunk line and trailer section) may take without the parser
     # moving on: beyond it no request could still be within the limits.
     stall_budget: ClassVar[int] = _stall_budget(LimitsConfig())
@@ -128,10 +132,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._stalled = 0
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if app is service_unavailable:
+            app = self._overload_answer(app)
         if self._feeding:
             self._deferred.append((cycle, app))
         else:
             super()._start_asgi_task(cycle, app)
+
+    def _overload_answer(self, default: Any) -> Any:
+        # Read from the class: a function stored there must not be bound to the protocol.
+        return type(self).overloaded or default
 
     def _start_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
@@ -170,6 +180,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if rejection is not None:
             raise self._refusal(rejection)
         super().on_headers_complete()
+        if self.pipeline and self.pipeline[0][1] is service_unavailable:
+            cycle, app = self.pipeline[0]
+            self.pipeline[0] = (cycle, self._overload_answer(app))
         raw_path: bytes | None = self.scope.get("raw_path")
         if raw_path is not None and self.limits.allow_encoded_slashes and b"%" in raw_path:
             # The ASGI task has not run yet (tasks start after this read is parsed), so
@@ -312,13 +325,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def guarded_protocol(
-    limits: LimitsConfig, *, server_name: str, observer: ExchangeObserver | None
+    limits: LimitsConfig,
+    *,
+    server_name: str,
+    observer: ExchangeObserver | None,
+    overloaded: ASGIApp | None = None,
 ) -> type[GuardedHttpToolsProtocol]:
     """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
     attributes: dict[str, Any] = {
         "limits": limits,
         "server_name": server_name,
         "observer": observer,
+        "overloaded": overloaded,
         "stall_budget": _stall_budget(limits),
     }
     return type("LimitedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attributes)

@@ -34,8 +34,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .errors import CLIENT_REASONS
-from .exchange import Exchange
+from .errors import CLIENT_REASONS, Reason
+from .exchange import Exchange, Phase, Side
 from .upstreams import PoolSnapshot
 
 PREFIX = "relay"
@@ -192,6 +192,18 @@ class Metrics:
             f"{PREFIX}_response_body_bytes", "Response body bytes sent to clients.", up,
             registry=reg,
         )  # fmt: skip
+        self.failed = Counter(
+            f"{PREFIX}_requests_failed",
+            "Requests that failed the availability SLI, each once: answered with a 5xx, or a "
+            "response cut short after its status was sent (not by the client).",
+            ["upstream", "route"], registry=reg,
+        )  # fmt: skip
+        self.truncated = Counter(
+            f"{PREFIX}_responses_truncated",
+            "Responses whose body was cut short by the upstream or the proxy after a non-5xx "
+            "status was sent (client hang-ups not included).",
+            ["upstream", "route"], registry=reg,
+        )  # fmt: skip
         self.build_info = Gauge(
             f"{PREFIX}_build_info", "Build information; the value is always 1.",
             ["version", "python_version"], registry=reg, multiprocess_mode="max",
@@ -225,6 +237,33 @@ class Metrics:
             # so there the container's own metrics are the source.
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
+
+    def start_at_zero(self, upstreams: Iterable[str], routes: Iterable[tuple[str, str]]) -> None:
+        """Create the counter series of every configured upstream and route at 0.
+
+        ``rate()`` sees an increase only between two samples, so the first increment of a
+        series that appears with it is lost: the first failure of each kind on each pod
+        would not count. Series of closed label sets are therefore created up front: per
+        upstream, every failure reason, disconnect side and phase, retries, pool timeouts,
+        body bytes; per route, failed and truncated requests. ``relay_requests_total``
+        (method and status code) and the histograms appear on first use: creating them
+        for every method and code would multiply the series of each route by about 50.
+        """
+        for upstream in upstreams:
+            self._in_flight(upstream)
+            for reason in Reason:
+                if reason not in CLIENT_REASONS:
+                    self.errors.labels(upstream, reason.value)
+            for side in Side:
+                for phase in Phase:
+                    self.disconnects.labels(upstream, side.value, phase.value)
+            for family in (self.retries, self.pool_timeouts):
+                family.labels(upstream)
+            self._request_bytes(upstream)
+            self._response_bytes(upstream)
+        for upstream, route in routes:
+            self.failed.labels(upstream, route)
+            self.truncated.labels(upstream, route)
 
     # -- pool observer (called from the pool gate) --------------------------------------
     def pool_wait(self, upstream: str, seconds: float) -> None:
@@ -278,6 +317,10 @@ class Metrics:
             ).inc()
         if exchange.reason is not None and exchange.reason not in CLIENT_REASONS:
             self.errors.labels(upstream, exchange.reason.value).inc()
+        if exchange.failed:
+            self.failed.labels(upstream, route).inc()
+            if exchange.truncated and (exchange.status or 0) < 500:
+                self.truncated.labels(upstream, route).inc()
         if exchange.request_bytes:
             self._request_bytes(upstream).inc(exchange.request_bytes)
         if exchange.response_bytes:

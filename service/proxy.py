@@ -113,11 +113,8 @@ class Proxy:
         self._trusted = settings.server.trusted_proxies
         self._max_body = settings.limits.max_body_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
-            return
+    def _begin(self, scope: Scope) -> tuple[RouteConfig | None, Exchange]:
+        """Route the request and open its exchange record."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         raw_host = first_value(headers, b"host")
         host = raw_host.decode("latin-1") if raw_host is not None else None
@@ -132,6 +129,25 @@ class Proxy:
             route_prefix=route.prefix if route else None,
         )
         self._observer.started(exchange)
+        return route, exchange
+
+    async def overloaded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The answer to a request over ``server.limit_concurrency``: 503 with Retry-After,
+        counted on its route like any other exchange, the upstream never contacted."""
+        route, exchange = self._begin(scope)
+        try:
+            upstream = route.upstream if route is not None else None
+            await self._send_error(send, exchange, Reason.OVERLOADED, upstream)
+        finally:
+            exchange.mark_done()
+            self._observer.finished(exchange)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        route, exchange = self._begin(scope)
         try:
             if route is None:
                 await self._send_error(send, exchange, Reason.NO_ROUTE, None)
@@ -323,11 +339,12 @@ class Proxy:
             (b"cache-control", b"no-store"),
             (b"date", formatdate(usegmt=True).encode()),
         ]
-        if reason is Reason.POOL_TIMEOUT:
+        if reason in (Reason.POOL_TIMEOUT, Reason.OVERLOADED):
             retry_after = str(self._settings.server.retry_after_seconds).encode()
             headers.append((b"retry-after", retry_after))
-        elif reason is Reason.BODY_TOO_LARGE:
-            # The rest of the body stays unread: this connection cannot carry another request.
+        if reason in (Reason.BODY_TOO_LARGE, Reason.OVERLOADED):
+            # Too large: the rest of the body stays unread, so this connection cannot carry
+            # another request. Overloaded: a connection fewer is what the worker needs.
             headers.append((b"connection", b"close"))
         start: Message = {
             "type": "http.response.start",

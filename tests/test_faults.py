@@ -241,6 +241,13 @@ async def test_fault(transport: str, name: str) -> None:
         for phase in ("before_headers", "body"):
             assert await w.disconnects("upstream", phase) == (3 if phase == fault.phase else 0)
             assert await w.disconnects("client", phase) == 0
+        # The availability SLI: each failed exchange once; cut bodies also as truncations.
+        cut = fault.reason is not None and fault.received is not None
+        for name, value in (("upstream", upstream), ("route", upstream)):
+            failed = await metric(w.relay, "relay_requests_failed_total", **{name: value})
+            truncated = await metric(w.relay, "relay_responses_truncated_total", **{name: value})
+            assert (failed, truncated) == (3 if fault.reason else 0, 3 if cut else 0)
+        assert await metric(w.relay, "relay_requests_failed_total") == (3 if fault.reason else 0)
         await eventually(w.settled)
         await eventually(w.no_stray_connections)
 

@@ -239,3 +239,45 @@ async def test_promtool_accepts_exposition(mix: tuple[RunningRelay, ScriptedUpst
     assert process.returncode == 0, output.decode()
     # promtool prints some lint problems without failing: demand none.
     assert output.decode().strip() == "", output.decode()
+
+
+async def test_counters_start_at_zero_for_every_configured_upstream_and_route() -> None:
+    """Before any traffic, every series of a closed label set exists at 0, so that rate()
+    counts the first failure of each kind; the open-ended families appear on first use."""
+    from service.errors import CLIENT_REASONS, Reason
+
+    config = {
+        "upstreams": {"api": {"url": "http://127.0.0.1:9"}, "web": {"url": "http://127.0.0.1:9"}},
+        "routes": [
+            {"name": "api-v1", "prefix": "/v1", "upstream": "api"},
+            {"prefix": "/", "upstream": "web"},
+        ],
+    }
+    async with run_relay(config) as relay, httpx.AsyncClient() as client:
+        got = samples((await client.get(f"{relay.admin_url}/metrics")).text)
+
+    def series(name: str, **labels: str) -> float | None:
+        return got.get((name, frozenset(labels.items())))
+
+    for upstream in ("api", "web"):
+        for reason in Reason:
+            value = series("relay_upstream_errors_total", upstream=upstream, reason=reason.value)
+            assert value == (None if reason in CLIENT_REASONS else 0.0), reason
+        for side in ("client", "upstream"):
+            for phase in ("before_headers", "body"):
+                assert (
+                    series("relay_disconnects_total", upstream=upstream, side=side, phase=phase)
+                    == 0
+                )
+        for name in (
+            "relay_upstream_retries_total",
+            "relay_pool_timeouts_total",
+            "relay_request_body_bytes_total",
+            "relay_response_body_bytes_total",
+        ):
+            assert series(name, upstream=upstream) == 0, name
+        assert series("relay_requests_in_flight", upstream=upstream) == 0
+    for upstream, route in (("api", "api-v1"), ("web", "web")):
+        assert series("relay_requests_failed_total", upstream=upstream, route=route) == 0
+        assert series("relay_responses_truncated_total", upstream=upstream, route=route) == 0
+    assert not [key for key in got if key[0] == "relay_requests_total"]

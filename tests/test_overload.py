@@ -285,8 +285,14 @@ async def test_server_concurrency_limit_sheds_the_excess_at_once(
         assert held_upstream.holding <= limit
         assert len(refused) >= FLOOD - limit
         for reply in refused:
-            assert (reply.status, reply.body) == (503, b"Service Unavailable")
+            # The proxy's own answer, in its error vocabulary, the upstream never contacted.
+            assert reply.status == 503
+            assert reply.body.startswith(b"503 Service Unavailable: proxy at its limit")
             assert reply.headers["connection"] == "close"
+            assert reply.headers["retry-after"] == "1"
+            assert reply.headers["proxy-status"] == (
+                'relay; error=proxy_internal_response; next-hop="up"'
+            )
         held_upstream.release.set()
         replies = await asyncio.gather(*early, *tasks)
         assert Counter(r.status for r in replies) == {
@@ -302,9 +308,13 @@ async def test_server_concurrency_limit_sheds_the_excess_at_once(
     def delta(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
 
-    # Refused by the server before the proxy saw them: not in the proxy's request metrics.
-    assert delta("relay_requests_total") == first + admitted_flood + 1
-    assert delta("relay_requests_total", code="503") == 0
+    # Refused at once, yet counted like any other exchange of their route: as requests with
+    # code 503, under the reason "overloaded", and as failures of the availability SLI.
+    refusals = len(refused)
+    assert delta("relay_requests_total") == first + admitted_flood + 1 + refusals
+    assert delta("relay_requests_total", route="up", code="503") == refusals
+    assert delta("relay_upstream_errors_total", upstream="up", reason="overloaded") == refusals
+    assert delta("relay_requests_failed_total", upstream="up", route="up") == refusals
     assert total(after, "relay_pool_connections", state="in_use") == 0
     assert max(rss_peak, rss_after) - rss_before < RSS_GROWTH_LIMIT, (rss_before, rss_peak)
 
