@@ -2,25 +2,70 @@
 
 Kept off the proxy port so that upstream paths such as ``/metrics`` or ``/healthz`` still
 reach the upstream.
+
+``/healthz`` is this process's liveness. ``/readyz`` is the pod's readiness: with several
+workers any of them may take the probe, so each answers for the pod (pod.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
+from .pod import WorkerSlot, WorkerState
+
 RenderMetrics = Callable[[str | None], tuple[bytes, str]]
 
 
-@dataclass
 class Health:
-    """Lifecycle flags read by the probes; written by the lifespan and the drain sequence."""
+    """Lifecycle flags read by the probes; written by the lifespan and the drain sequence.
 
-    ready: bool = False
-    draining: bool = False
+    A worker under a supervisor also publishes them to its slot of the pod's table, and
+    answers readiness for the pod."""
+
+    def __init__(self, slot: WorkerSlot | None = None) -> None:
+        self._slot = slot
+        self._ready = False
+        self._draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+        self._publish()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._slot is None:
+            return
+        if self._draining:
+            self._slot.publish(WorkerState.DRAINING)
+        else:
+            self._slot.publish(WorkerState.READY if self._ready else WorkerState.STARTING)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, the word the probe answers): the pod's with a supervisor, else this
+        process's."""
+        if self._slot is not None:
+            return self._slot.table.readiness()
+        if self._draining:
+            return False, "draining"
+        if not self._ready:
+            return False, "starting"
+        return True, "ready"
 
 
 def create_admin_app(health: Health, render_metrics: RenderMetrics) -> FastAPI:
@@ -34,11 +79,8 @@ def create_admin_app(health: Health, render_metrics: RenderMetrics) -> FastAPI:
 
     @app.get("/readyz", response_class=PlainTextResponse)
     async def readyz() -> PlainTextResponse:
-        if health.draining:
-            return PlainTextResponse("draining\n", status_code=503)
-        if not health.ready:
-            return PlainTextResponse("starting\n", status_code=503)
-        return PlainTextResponse("ready\n")
+        ready, word = health.readiness()
+        return PlainTextResponse(f"{word}\n", status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -23,9 +23,9 @@ GENERATOR = ROOT / "alerts" / "generate.py"
 RULE_OVERLAYS = {"production": "relay", "dev": "relay-dev"}
 
 # Series the rules and dashboards use before this build of Relay exposes them: the service
-# side adds them (truncated responses in the availability SLI, worker respawns). Remove a
+# side adds them (truncated responses in the availability SLI). Remove a
 # name here once Relay exposes it; the tests then check it like every other metric.
-PENDING_METRICS = {"relay_responses_truncated_total", "relay_worker_restarts_total"}
+PENDING_METRICS = {"relay_responses_truncated_total"}
 PENDING_REASONS = {"overloaded"}
 # kube-state-metrics series (a stock kube-prometheus-stack scrapes them).
 KUBE_STATE_METRICS = {

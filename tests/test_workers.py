@@ -1,0 +1,215 @@
+"""Several workers, as real processes: a worker that dies is respawned in its slot and
+counted while the pod keeps serving and stays ready; a worker that keeps dying at start
+stops the pod; and every process of the pod has its own process figures.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from service import workers
+from service.pod import PodTable, WorkerState
+from tests.harness import RelayProcess, free_port, spawn_relay
+from tests.test_metrics import value
+from tests.test_metrics_live import demo_config, scrape, worker_processes
+
+PROCESS_METRICS = (
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+    "process_max_fds",
+    "process_start_time_seconds",
+)
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def by_worker(m: Samples, name: str) -> dict[str, float]:
+    return {dict(labels).get("worker", ""): v for (n, labels), v in m.items() if n == name}
+
+
+def get_fresh(url: str) -> httpx.Response:
+    """GET on a connection of its own, so that any worker may take it."""
+    with httpx.Client(timeout=10) as client:
+        return client.get(url)
+
+
+def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def slot_of(relay: RelayProcess, pid: int) -> str:
+    """The worker index of ``pid`` (the supervisor names the pids in slot order)."""
+    [started] = relay.messages("started 2 workers (pids ")
+    pids = started.split("(pids ", 1)[1].split(")", 1)[0].split(", ")
+    return str(pids.index(str(pid)))
+
+
+def multiproc_env(tmp_path: Path) -> dict[str, str]:
+    # One directory per test: the supervisor empties it at start.
+    return {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+
+
+# -- a worker dies ---------------------------------------------------------------------------
+
+
+def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path: Path) -> None:
+    # Every worker takes START_DELAY_SECONDS to open its pools: the replacement is visibly
+    # "starting" (its admin listener answers, its proxy listener does not accept yet) for
+    # that long, next to a ready worker.
+    config = demo_config(workers=2, app_hook="tests.worker_hooks:slow_start")
+    prom = tmp_path / "prom"
+    with spawn_relay(config, tmp_path, multiproc_env(tmp_path)) as relay:
+        wait_until(lambda: len(relay.messages("ready: ")) == 2, 30, "both workers ready")
+        served = 0
+        for _ in range(10):
+            assert get_fresh(f"{relay.url}/").status_code == 200
+            served += 1
+        before = scrape(relay.admin_url)
+        assert value(before, "relay_worker_restarts_total") == 0
+        for name in PROCESS_METRICS:
+            assert set(by_worker(before, name)) == {"0", "1", "supervisor"}, name
+        files = sorted(os.listdir(prom))
+        assert files and all(name.endswith(("_w0.db", "_w1.db")) for name in files), files
+
+        victim = worker_processes(psutil.Process(relay.process.pid))[0]
+        slot = slot_of(relay, victim.pid)
+        started = by_worker(before, "process_start_time_seconds")
+        victim.kill()
+        victim.wait(10)
+        readiness = []
+        while len(relay.messages("ready: ")) < 3:
+            assert len(readiness) < 2000, "the worker was not respawned"
+            readiness.append(get_fresh(f"{relay.admin_url}/readyz").text)
+            assert get_fresh(f"{relay.url}/").status_code == 200
+            served += 1
+        # The pod answers, whichever worker takes the probe: ready all along, the
+        # replacement's own start included.
+        assert set(readiness) == {"ready\n"}, collections.Counter(readiness)
+        assert len(readiness) >= 10  # probes spread over the replacement's start
+
+        after = scrape(relay.admin_url)
+        assert value(after, "relay_worker_restarts_total") == 1
+        for name in PROCESS_METRICS:
+            assert set(by_worker(after, name)) == {"0", "1", "supervisor"}, name
+        restarted = by_worker(after, "process_start_time_seconds")
+        assert {w for w in started if restarted[w] != started[w]} == {slot}
+        # The replacement took over its slot's files: the dead worker's counts are kept,
+        # and the directory did not grow.
+        assert value(after, "relay_requests_total", upstream="demo", code="200") == served
+        assert sorted(os.listdir(prom)) == files
+    respawned = relay.messages(f"worker {slot} (pid {victim.pid}) exited with signal SIGKILL")
+    assert len(respawned) == 1 and respawned[0].endswith("restarting it in 0.5s"), respawned
+
+
+def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(tmp_path: Path) -> None:
+    with spawn_relay(demo_config(), tmp_path) as relay:
+        m = scrape(relay.admin_url)
+    assert value(m, "relay_worker_restarts_total") == 0
+    for name in PROCESS_METRICS:
+        assert by_worker(m, name).keys() == {""}, name  # one series, no worker label
+
+
+# -- a worker keeps dying ----------------------------------------------------------------------
+
+
+def test_a_worker_that_keeps_crashing_at_start_stops_the_pod(tmp_path: Path) -> None:
+    config = demo_config(workers=2, app_hook="tests.worker_hooks:crash")
+    config["server"].update(
+        host="127.0.0.1", port=free_port(), admin_host="127.0.0.1", admin_port=free_port()
+    )
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--config", str(path)],
+        env={**os.environ, **multiproc_env(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == workers.EXIT_WORKERS_CRASHING, result.stdout[-2000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    errors = [line for line in lines if line["level"] in ("ERROR", "CRITICAL")]
+    assert len(errors) == 1, errors
+    [error] = errors
+    assert error["logger"] == "relay.workers"
+    limit, stable = workers.CRASH_STREAK_LIMIT, workers.STABLE_AFTER_SECONDS
+    slot = error["message"].split()[1]
+    assert error["message"].startswith(
+        f"worker {slot} died {limit} times in a row within {stable:g}s of starting (last: pid "
+    ), error
+    assert error["message"].endswith("exit code 1): stopping all workers; exit code 4")
+    delays = [
+        line["message"].rsplit(" ", 1)[1]
+        for line in lines
+        if line["message"].startswith(f"worker {slot} (pid ")
+        and "restarting it in" in line["message"]
+    ]
+    assert delays == ["0.5s", "1s", "2s", "4s"][: limit - 1]
+    assert lines[-1]["message"] == "stopped: all workers exited"
+
+
+def test_respawn_delays_double_until_the_streak_stops_the_pod() -> None:
+    respawns = workers.Respawns()
+    assert [respawns.died(1.0) for _ in range(5)] == [0.5, 1.0, 2.0, 4.0, None]
+
+
+def test_a_worker_that_ran_long_enough_ends_the_streak() -> None:
+    respawns = workers.Respawns()
+    assert [respawns.died(1.0) for _ in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert respawns.died(workers.STABLE_AFTER_SECONDS) == 0.5
+    assert [respawns.died(1.0) for _ in range(5)] == [0.5, 1.0, 2.0, 4.0, None]
+
+
+def test_respawn_delays_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "CRASH_STREAK_LIMIT", 10)
+    respawns = workers.Respawns()
+    delays = [respawns.died(1.0) for _ in range(10)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0, None]
+
+
+# -- readiness is the pod's ------------------------------------------------------------------
+
+GONE, STARTING, READY, DRAINING = (
+    WorkerState.GONE, WorkerState.STARTING, WorkerState.READY, WorkerState.DRAINING,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("states", "stopping", "answer"),
+    [
+        ([READY, READY], False, (True, "ready")),
+        ([READY, GONE], False, (True, "ready")),  # one died, its replacement not started yet
+        ([STARTING, READY], False, (True, "ready")),  # ... or still starting
+        ([DRAINING, READY], False, (True, "ready")),  # one told to stop on its own
+        ([STARTING, STARTING], False, (False, "starting")),
+        ([GONE, GONE], False, (False, "starting")),
+        ([DRAINING, STARTING], False, (False, "draining")),
+        ([READY, READY], True, (False, "draining")),  # the pod is stopping
+    ],
+)
+def test_the_pod_is_ready_while_one_worker_is_and_it_is_not_stopping(
+    states: list[WorkerState], stopping: bool, answer: tuple[bool, str]
+) -> None:
+    table = PodTable.local(len(states))
+    for index, state in enumerate(states):
+        table.starting(index)
+        table.set_state(index, state)
+    if stopping:
+        table.stop()
+    assert table.readiness() == answer
