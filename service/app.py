@@ -115,7 +115,9 @@ class Relay:
             hook(self.app)
         if tracing is not None:
             tracing.instrument_app(self.app)
-        self.admin_app = create_admin_app(self.health, self.metrics.render)
+        self.admin_app = create_admin_app(
+            self.health, self.metrics.render, render_in_thread=self.metrics.multiprocess
+        )
 
     def _snapshots(self) -> list[PoolSnapshot]:
         return self._upstreams.snapshots() if self._upstreams is not None else []

@@ -295,7 +295,8 @@ class Metrics:
 
     # -- exposition --------------------------------------------------------------------------
     def render(self, accept: str | None) -> tuple[bytes, str]:
-        """Encode for the scraper: OpenMetrics (with exemplars) when it asks for it."""
+        """Encode for the scraper: OpenMetrics (with exemplars) when it asks for it. In
+        multiprocess mode this reads every worker's files: the admin app calls it in a thread."""
         encoder, content_type = choose_encoder(accept or "")
         if self._pod_scrape is not None:
             return encoder(self._pod_scrape), content_type

@@ -128,6 +128,9 @@ def _exemplars(local: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str,
 class PodScrape(Collector):
     """What a worker answers ``/metrics`` with in multiprocess mode: every file in the
     directory merged, this worker's exemplars on the merged samples, and the process metrics.
+
+    Reading and merging the files costs time proportional to the directory; the admin app
+    runs it in a thread (admin.py), off the loop that serves proxy traffic.
     """
 
     def __init__(self, path: str, local: CollectorRegistry, table: PodTable | None) -> None:

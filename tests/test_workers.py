@@ -1,15 +1,18 @@
 """Several workers, as real processes: a worker that dies is respawned in its slot and
 counted while the pod keeps serving and stays ready; a worker that keeps dying at start
-stops the pod; and every process of the pod has its own process figures.
+stops the pod; every process of the pod has its own process figures; and ``/metrics`` merges
+the multiprocess files off the loop that serves proxy traffic, a bounded number at once.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +21,12 @@ import httpx
 import psutil
 import pytest
 import yaml
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from service import workers
+from service import admin, workers
 from service.pod import PodTable, WorkerState
 from tests.harness import RelayProcess, free_port, spawn_relay
-from tests.test_metrics import value
+from tests.test_metrics import samples, value
 from tests.test_metrics_live import demo_config, scrape, worker_processes
 
 PROCESS_METRICS = (
@@ -213,3 +217,69 @@ def test_the_pod_is_ready_while_one_worker_is_and_it_is_not_stopping(
     if stopping:
         table.stop()
     assert table.readiness() == answer
+
+
+# -- /metrics off the serving loop -------------------------------------------------------------
+
+FILLER_KEYS = 600  # what one 64 KiB file holds
+
+
+def fill(directory: Path, files: int) -> None:
+    """Counter files as dead processes of an unbounded directory would leave them."""
+    keys = [
+        mmap_key("relay_test_filler", "relay_test_filler_total", ["n"], [str(i)], "Filler.")
+        for i in range(FILLER_KEYS)
+    ]
+    for number in range(files):
+        mapped = MmapedDict(str(directory / f"counter_filler{number}.db"))
+        for key in keys:
+            mapped.write_value(key, 1.0, 0.0)
+        mapped.close()
+
+
+def cpu_of_other_threads(process: psutil.Process) -> float:
+    """CPU seconds of every thread of ``process`` but its main one (the event loop's)."""
+    return sum(t.user_time + t.system_time for t in process.threads() if t.id != process.pid)
+
+
+def test_metrics_merge_in_a_thread_while_the_loop_serves(tmp_path: Path) -> None:
+    # One process in multiprocess mode: the loop that would run a merge on it is the one
+    # that serves every proxied request (and the demo upstream behind it).
+    with spawn_relay(demo_config(), tmp_path, multiproc_env(tmp_path)) as relay:
+        files = 2000  # a merge of a few seconds here
+        fill(tmp_path / "prom", files)
+        process = psutil.Process(relay.process.pid)
+        idle = cpu_of_other_threads(process)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            scraping = pool.submit(httpx.get, f"{relay.admin_url}/metrics", timeout=120)
+            while cpu_of_other_threads(process) < idle + 0.1:
+                assert not scraping.done(), "the scrape ended with no thread but the loop working"
+                time.sleep(0.01)
+            # The merge is under way in a thread of its own: the loop serves meanwhile.
+            for _ in range(3):
+                assert get_fresh(f"{relay.url}/").status_code == 200
+            assert not scraping.done(), "proxied requests waited for the scrape"
+            response = scraping.result()
+    assert response.status_code == 200
+    assert value(samples(response.text), "relay_test_filler_total") == files * FILLER_KEYS
+
+
+def test_concurrent_scrapes_are_bounded(tmp_path: Path) -> None:
+    with spawn_relay(demo_config(), tmp_path, multiproc_env(tmp_path)) as relay:
+        fill(tmp_path / "prom", 600)  # each merge outlasts the arrival of all the scrapes
+        admitted = admin.MAX_SCRAPES + admin.MAX_WAITING_SCRAPES
+        count = admitted + 4
+        together = threading.Barrier(count)
+
+        def one_scrape(_: int) -> httpx.Response:
+            together.wait()
+            return httpx.get(f"{relay.admin_url}/metrics", timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            responses = list(pool.map(one_scrape, range(count)))
+    statuses = collections.Counter(response.status_code for response in responses)
+    assert statuses == {200: admitted, 503: 4}
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert response.text == "busy: too many scrapes at once\n"
