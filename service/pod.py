@@ -1,11 +1,12 @@
 """What the processes of one pod share when it runs several workers: each worker's pid and
 state, whether the pod is stopping, and how many workers were respawned.
 
-A small table of 64-bit integers in shared memory, created by the supervisor before the
-first worker starts and handed to each worker. The supervisor writes the pids, the stop
-flag and the respawn count; each worker writes its own state. Aligned 64-bit stores are
-atomic, so readers (any worker answering ``/readyz`` or ``/metrics``) never see a torn
-value, and nobody waits for a lock on a probe.
+A small table of 64-bit integers in a file of the multiprocess metrics directory
+(``pod.table``, which the metrics collector does not read), mapped into memory by the
+supervisor before the first worker starts and by each worker. The supervisor writes the
+pids, the stop flag and the respawn count; each worker writes its own state. Aligned 64-bit
+stores are atomic, so readers (any worker answering ``/readyz`` or ``/metrics``) never see a
+torn value, and nobody waits for a lock on a probe.
 
 Readiness is the pod's answer, whichever worker takes the probe: ready while at least one
 worker is ready and the pod is not stopping. Every worker accepts on the same proxy socket,
@@ -19,12 +20,14 @@ is the supervisor's business: it makes the pod exit after a bounded streak (work
 from __future__ import annotations
 
 import ctypes
-import multiprocessing
+import mmap
 import os
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
+FILE_NAME = "pod.table"
 _STOPPING, _RESTARTS, _SUPERVISOR = 0, 1, 2
 _HEADER = 3
 
@@ -44,22 +47,38 @@ class WorkerState(IntEnum):
 class PodTable:
     """The shared table; one slot per worker index, ``0`` to ``workers - 1``."""
 
-    def __init__(self, workers: int, cells: _Cells) -> None:
+    def __init__(self, workers: int, cells: _Cells, path: Path | None = None) -> None:
         self.workers = workers
+        self.path = path
         self._cells = cells
 
     @classmethod
-    def create(cls, workers: int) -> PodTable:
-        """A table in shared memory that spawned workers can be given (as a Process arg)."""
-        cells = multiprocessing.get_context("spawn").RawArray(ctypes.c_int64, _HEADER + 2 * workers)
-        table = cls(workers, cells)
+    def create(cls, workers: int, directory: Path) -> PodTable:
+        """A new table in ``directory``, all zeros but the supervisor's pid (this process)."""
+        path = directory / FILE_NAME
+        with open(path, "wb") as file:
+            file.truncate(8 * (_HEADER + 2 * workers))
+        table = cls.open(workers, path)
         table._cells[_SUPERVISOR] = os.getpid()
         return table
+
+    @classmethod
+    def open(cls, workers: int, path: Path) -> PodTable:
+        """The table in ``path``, mapped into this process (shared with the others)."""
+        with open(path, "r+b") as file:
+            mapped = mmap.mmap(file.fileno(), 8 * (_HEADER + 2 * workers))
+        return cls(workers, (ctypes.c_int64 * (_HEADER + 2 * workers)).from_buffer(mapped), path)
 
     @classmethod
     def local(cls, workers: int) -> PodTable:
         """A table in this process only (for a unit test of the readiness rule)."""
         return cls(workers, [0] * (_HEADER + 2 * workers))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A worker gets the table as its start argument: it maps the same file.
+        if self.path is None:
+            raise TypeError("a local PodTable cannot be sent to another process")
+        return (PodTable.open, (self.workers, self.path))
 
     def _pid_cell(self, index: int) -> int:
         if not 0 <= index < self.workers:

@@ -24,7 +24,8 @@ keeps losing workers. Respawns are counted in ``relay_worker_restarts_total``.
 Metrics use prometheus-client's multiprocess mode: the directory is created empty at start,
 each worker slot has one set of files (multiproc.py), and a dead worker's live gauges are
 removed before it is replaced, so in-flight and pool gauges never count a process that is
-gone. The workers share a small table (pod.py) for readiness and the pod's process metrics.
+gone. The workers share a small table in the same directory (pod.py) for readiness and the
+pod's process metrics.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class Supervisor:
 
     def run(self) -> int:
         metrics_dir = prepare_metrics_dir()
-        table = self._table = PodTable.create(len(self._slots))
+        table = self._table = PodTable.create(len(self._slots), metrics_dir)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         with self._signals_held():

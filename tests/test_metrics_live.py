@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
 import signal
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ def test_two_workers_sum_counters_and_drop_dead_workers_gauges(tmp_path: Path) -
         assert value(m, "relay_request_duration_seconds_count", upstream="demo") == 40
         assert value(m, "relay_pool_max_connections", upstream="demo") == 200  # 2 x 100
         # One set of files per worker slot, named by its index (not its pid).
-        files = os.listdir(tmp_path / "prom")
+        files = [path.name for path in (tmp_path / "prom").glob("*.db")]
         assert {name.rsplit("_", 1)[1] for name in files} == {"w0.db", "w1.db"}, files
 
         # Park requests in both workers, then kill both: their live gauges must go.
