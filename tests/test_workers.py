@@ -28,6 +28,7 @@ from service.pod import PodTable, WorkerState
 from tests.harness import RelayProcess, free_port, spawn_relay
 from tests.test_metrics import samples, value
 from tests.test_metrics_live import demo_config, scrape, worker_processes
+from tests.tools import require_tool
 
 PROCESS_METRICS = (
     "process_cpu_seconds_total",
@@ -110,6 +111,14 @@ def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path
 
         after = scrape(relay.admin_url)
         assert value(after, "relay_worker_restarts_total") == 1
+        lint = subprocess.run(
+            [require_tool("promtool"), "check", "metrics"],
+            input=httpx.get(f"{relay.admin_url}/metrics").text,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint
         for name in PROCESS_METRICS:
             assert set(by_worker(after, name)) == {"0", "1", "supervisor"}, name
         restarted = by_worker(after, "process_start_time_seconds")
@@ -122,8 +131,12 @@ def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path
     assert len(respawned) == 1 and respawned[0].endswith("restarting it in 0.5s"), respawned
 
 
-def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(tmp_path: Path) -> None:
-    with spawn_relay(demo_config(), tmp_path) as relay:
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(
+    tmp_path: Path, multiprocess: bool
+) -> None:
+    env = multiproc_env(tmp_path) if multiprocess else None
+    with spawn_relay(demo_config(), tmp_path, env) as relay:
         m = scrape(relay.admin_url)
     assert value(m, "relay_worker_restarts_total") == 0
     for name in PROCESS_METRICS:
