@@ -347,6 +347,11 @@ class Service:
             await asyncio.gather(*background, return_exceptions=True)
             for sig in (*STOP_SIGNALS, CUT_SIGNAL):
                 loop.remove_signal_handler(sig)
+                if self.worker:
+                    # Drained and on its way out: a repeat from the terminal or the
+                    # supervisor arriving now must not kill it (the exit would read as a
+                    # failure).
+                    signal.signal(sig, signal.SIG_IGN)
         if not self.proxy_server.started:
             raise SystemExit(EXIT_CANNOT_START)
         log.info("stopped (pid %d)", os.getpid())
