@@ -130,7 +130,6 @@ class Supervisor:
         self._crashed = False
         self._slots = [_Slot(index) for index in range(settings.server.workers)]
         self._table: PodTable | None = None
-        self._metrics_dir: Path | None = None
         # Lines from the signal handler, logged by the main loop: logging is not reentrant.
         self._said: list[tuple[int, str]] = []
 
