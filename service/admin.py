@@ -2,31 +2,111 @@
 
 Kept off the proxy port so that upstream paths such as ``/metrics`` or ``/healthz`` still
 reach the upstream.
+
+``/healthz`` is this process's liveness. ``/readyz`` is the pod's readiness: with several
+workers any of them may take the probe, so each answers for the pod (pod.py). ``/metrics``
+with several workers merges every worker's files: that runs in a thread, never on the loop
+that serves proxy traffic, with at most ``MAX_SCRAPES`` at once and ``MAX_WAITING_SCRAPES``
+queued behind them (more are answered 503 at once rather than piling up threads' work).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
+from .pod import WorkerSlot, WorkerState
+
 RenderMetrics = Callable[[str | None], tuple[bytes, str]]
 
+MAX_SCRAPES = 2
+MAX_WAITING_SCRAPES = 8
 
-@dataclass
+
 class Health:
-    """Lifecycle flags read by the probes; written by the lifespan and the drain sequence."""
+    """Lifecycle flags read by the probes; written by the lifespan and the drain sequence.
 
-    ready: bool = False
-    draining: bool = False
+    A worker under a supervisor also publishes them to its slot of the pod's table, and
+    answers readiness for the pod."""
+
+    def __init__(self, slot: WorkerSlot | None = None) -> None:
+        self._slot = slot
+        self._ready = False
+        self._draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+        self._publish()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._slot is None:
+            return
+        if self._draining:
+            self._slot.publish(WorkerState.DRAINING)
+        else:
+            self._slot.publish(WorkerState.READY if self._ready else WorkerState.STARTING)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, the word the probe answers): the pod's with a supervisor, else this
+        process's."""
+        if self._slot is not None:
+            return self._slot.table.readiness()
+        if self._draining:
+            return False, "draining"
+        if not self._ready:
+            return False, "starting"
+        return True, "ready"
 
 
-def create_admin_app(health: Health, render_metrics: RenderMetrics) -> FastAPI:
+class _Scrapes:
+    """Metrics rendered in a thread, a bounded number at once and a bounded number queued."""
+
+    def __init__(self, render: RenderMetrics) -> None:
+        self._render = render
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._admitted = 0  # running or queued; counted here, where no await comes between
+
+    async def __call__(self, accept: str | None) -> Response:
+        if self._limiter is None:  # made on the loop that uses it
+            self._limiter = anyio.CapacityLimiter(MAX_SCRAPES)
+        if self._admitted >= MAX_SCRAPES + MAX_WAITING_SCRAPES:
+            return PlainTextResponse(
+                "busy: too many scrapes at once\n", status_code=503, headers={"Retry-After": "1"}
+            )
+        self._admitted += 1
+        try:
+            body, content_type = await anyio.to_thread.run_sync(
+                self._render, accept, limiter=self._limiter
+            )
+        finally:
+            self._admitted -= 1
+        return Response(body, media_type=content_type)
+
+
+def create_admin_app(
+    health: Health, render_metrics: RenderMetrics, *, render_in_thread: bool = False
+) -> FastAPI:
     app = FastAPI(title="relay admin", openapi_url=None, docs_url=None, redoc_url=None)
     # An exact route: Prometheus does not follow a /metrics -> /metrics/ redirect.
     app.router.redirect_slashes = False
+    scrapes = _Scrapes(render_metrics) if render_in_thread else None
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
@@ -34,15 +114,16 @@ def create_admin_app(health: Health, render_metrics: RenderMetrics) -> FastAPI:
 
     @app.get("/readyz", response_class=PlainTextResponse)
     async def readyz() -> PlainTextResponse:
-        if health.draining:
-            return PlainTextResponse("draining\n", status_code=503)
-        if not health.ready:
-            return PlainTextResponse("starting\n", status_code=503)
-        return PlainTextResponse("ready\n")
+        ready, word = health.readiness()
+        return PlainTextResponse(f"{word}\n", status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        body, content_type = render_metrics(request.headers.get("accept"))
+        accept = request.headers.get("accept")
+        if scrapes is not None:
+            return await scrapes(accept)
+        # One process: the registry is in memory and quick to encode.
+        body, content_type = render_metrics(accept)
         return Response(body, media_type=content_type)
 
     return app

@@ -20,6 +20,7 @@ from .config import ConfigError, Settings
 from .exchange import Exchange, ExchangeObserver
 from .logs import AccessLogObserver
 from .metrics import Metrics
+from .pod import WorkerSlot
 from .proxy import Proxy
 from .tracing import Tracing, TracingObserver, current_exemplar
 from .upstreams import PoolSnapshot, UpstreamSet
@@ -79,12 +80,19 @@ class Relay:
         *,
         observers: Sequence[ExchangeObserver] = (),
         tracing: Tracing | None = None,
+        slot: WorkerSlot | None = None,
     ) -> None:
+        """``slot``: this worker's place in its pod (several workers), for readiness and the
+        pod's process metrics."""
         self.settings = settings
-        self.health = Health()
+        self.health = Health(slot)
         self.tracing = tracing
         self._upstreams: UpstreamSet | None = None
-        self.metrics = Metrics(self._snapshots, exemplar=current_exemplar if tracing else None)
+        self.metrics = Metrics(
+            self._snapshots,
+            exemplar=current_exemplar if tracing else None,
+            pod=slot.table if slot is not None else None,
+        )
         self.metrics.start_at_zero(
             settings.upstreams, [(route.upstream, route.label) for route in settings.routes]
         )
@@ -110,7 +118,9 @@ class Relay:
             hook(self.app)
         if tracing is not None:
             tracing.instrument_app(self.app)
-        self.admin_app = create_admin_app(self.health, self.metrics.render)
+        self.admin_app = create_admin_app(
+            self.health, self.metrics.render, render_in_thread=self.metrics.multiprocess
+        )
 
     def _snapshots(self) -> list[PoolSnapshot]:
         return self._upstreams.snapshots() if self._upstreams is not None else []

@@ -8,7 +8,7 @@ never by traffic. Label names avoid the target labels Prometheus attaches itself
 Single process: metrics live in a private registry and pool gauges are read from the pool
 gates at scrape time. Several workers: prometheus-client multiprocess mode (directory in
 ``PROMETHEUS_MULTIPROC_DIR``); pool gauges become live gauges refreshed by a sampler, and
-exemplars are not available (the multiprocess files do not store them).
+the files, exemplars and process figures of the workers are multiproc.py's business.
 """
 
 from __future__ import annotations
@@ -23,19 +23,18 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
     disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from . import __version__
 from .errors import CLIENT_REASONS, Reason
 from .exchange import Exchange, Phase, Side
+from .multiproc import PodScrape, process_collectors
+from .pod import PodTable
 from .upstreams import PoolSnapshot
 
 PREFIX = "relay"
@@ -133,12 +132,13 @@ class Metrics:
         self,
         snapshots: Callable[[], Iterable[PoolSnapshot]] = tuple,
         exemplar: ExemplarSource | None = None,
+        pod: PodTable | None = None,
     ) -> None:
         # ``*_created`` series double the series count and no dashboard or alert uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.multiprocess = multiprocess_dir() is not None
         self.registry = CollectorRegistry(auto_describe=True)
-        self._exemplar = exemplar if not self.multiprocess else None
+        self._exemplar = exemplar
         reg = self.registry
         up = ["upstream"]
         self.requests = Counter(
@@ -232,11 +232,18 @@ class Metrics:
             )  # fmt: skip
         else:
             reg.register(_PoolCollector(lambda: self._snapshots()))
-            # process_* (CPU, memory, fds, start time) for the process health dashboard. In
-            # multiprocess mode they would describe whichever worker answered the scrape,
-            # so there the container's own metrics are the source.
-            ProcessCollector(registry=reg)
-            PlatformCollector(registry=reg)
+        self._register_process_metrics(pod)
+
+    def _register_process_metrics(self, pod: PodTable | None) -> None:
+        """process_* (CPU, memory, fds, start time), python_info and the worker restarts:
+        this process's own, or at scrape time every process of the pod (multiproc.py)."""
+        self._pod_scrape: PodScrape | None = None
+        path = multiprocess_dir()
+        if path is not None:
+            self._pod_scrape = PodScrape(path, self.registry, pod)
+            return
+        for collector in process_collectors(None):
+            self.registry.register(collector)
 
     def start_at_zero(self, upstreams: Iterable[str], routes: Iterable[tuple[str, str]]) -> None:
         """Create the counter series of every configured upstream and route at 0.
@@ -331,10 +338,9 @@ class Metrics:
 
     # -- exposition --------------------------------------------------------------------------
     def render(self, accept: str | None) -> tuple[bytes, str]:
-        """Encode for the scraper: OpenMetrics (with exemplars) when it asks for it."""
+        """Encode for the scraper: OpenMetrics (with exemplars) when it asks for it. In
+        multiprocess mode this reads every worker's files: the admin app calls it in a thread."""
         encoder, content_type = choose_encoder(accept or "")
-        if self.multiprocess:
-            registry = CollectorRegistry()
-            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return encoder(registry), content_type
+        if self._pod_scrape is not None:
+            return encoder(self._pod_scrape), content_type
         return encoder(self.registry), content_type

@@ -31,6 +31,7 @@ from .demo import create_demo_app
 from .limits import guarded_protocol
 from .listeners import EXIT_CANNOT_START, Listeners, bind_listeners
 from .logs import install_uvicorn_filters
+from .pod import WorkerSlot
 from .tracing import Tracing
 
 log = logging.getLogger("relay.server")
@@ -209,10 +210,17 @@ def _plural(count: int, noun: str) -> str:
 class Service:
     """One process's listeners and drain. ``worker``: run under a supervisor (see above)."""
 
-    def __init__(self, settings: Settings, relay: Relay | None = None, *, worker: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        relay: Relay | None = None,
+        *,
+        worker: bool = False,
+        slot: WorkerSlot | None = None,
+    ):
         install_uvicorn_filters()
         self.settings = settings
-        self.relay = relay or Relay(settings, tracing=Tracing.from_env(settings.tracing))
+        self.relay = relay or Relay(settings, tracing=Tracing.from_env(settings.tracing), slot=slot)
         self.worker = worker
         server = settings.server
         self.proxy_server = _Server(
@@ -354,12 +362,14 @@ class Service:
         log.info("stopped (pid %d)", os.getpid())
 
 
-def serve_forever(settings: Settings, sockets: Listeners, *, worker: bool = False) -> None:
-    """Run one process's event loop until it has drained."""
+def serve_forever(
+    settings: Settings, sockets: Listeners, *, slot: WorkerSlot | None = None
+) -> None:
+    """Run one process's event loop until it has drained; ``slot``: as a worker of a pod."""
     import uvloop
 
     try:
-        uvloop.run(Service(settings, worker=worker).serve(sockets))
+        uvloop.run(Service(settings, worker=slot is not None, slot=slot).serve(sockets))
     finally:
         # Worker processes end without interpreter shutdown hooks: write buffered lines.
         for handler in logging.getLogger().handlers:

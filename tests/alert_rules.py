@@ -22,11 +22,6 @@ GENERATOR = ROOT / "alerts" / "generate.py"
 # The overlays that install rules, and the namespace each one scopes them to.
 RULE_OVERLAYS = {"production": "relay", "dev": "relay-dev"}
 
-# Series the rules and dashboards use before this build of Relay exposes them: the service
-# side adds them (truncated responses in the availability SLI, worker respawns). Remove a
-# name here once Relay exposes it; the tests then check it like every other metric.
-PENDING_METRICS = {"relay_worker_restarts_total"}
-PENDING_REASONS: set[str] = set()
 # kube-state-metrics series (a stock kube-prometheus-stack scrapes them).
 KUBE_STATE_METRICS = {
     "kube_pod_container_resource_limits",

@@ -28,8 +28,6 @@ from service.exchange import Phase, Side
 from service.metrics import LATENCY_BUCKETS, Metrics
 from tests.alert_rules import (
     KUBE_STATE_METRICS,
-    PENDING_METRICS,
-    PENDING_REASONS,
     ROOT,
     RULE_OVERLAYS,
     load_generator,
@@ -358,7 +356,7 @@ def test_rules_use_only_metrics_and_label_values_relay_exposes() -> None:
             exposed |= {f"{family.name}_{suffix}" for suffix in ("bucket", "count", "sum")}
         else:
             exposed.add(family.name)
-    known = exposed | PENDING_METRICS | KUBE_STATE_METRICS | {"up"}
+    known = exposed | KUBE_STATE_METRICS | {"up"}
     for source in RULE_SOURCES:
         exprs = "\n".join(rule["expr"] for rule in rules(source))
         used = metric_names(exprs)
@@ -369,9 +367,7 @@ def test_rules_use_only_metrics_and_label_values_relay_exposes() -> None:
         reasons = {
             r for group in re.findall(r'reason=~?"([\w|]+)"', exprs) for r in group.split("|")
         }
-        assert reasons <= {reason.value for reason in Reason} | PENDING_REASONS, reasons
-    # The pending names are not typos: each is the contract of a metric on its way.
-    assert not PENDING_METRICS & exposed, "exposed now: drop it from PENDING_METRICS"
+        assert reasons <= {reason.value for reason in Reason}, reasons
 
 
 def github_anchors(markdown: str) -> set[str]:

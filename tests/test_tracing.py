@@ -242,8 +242,10 @@ def test_otlp_wire_upstream_logs_and_exemplar_share_the_trace(
             # A client that hangs up mid-stream: the server span still ends, saying so.
             asyncio.run(raw_request(relay.url, "/stream/100", read_bytes=200))
             spans = receiver.wait_for(
-                lambda s: len([x for x in s if x.trace_id == trace_id]) >= 2
-                and any("client_disconnect" in x.events for x in s)
+                lambda s: (
+                    len([x for x in s if x.trace_id == trace_id]) >= 2
+                    and any("client_disconnect" in x.events for x in s)
+                )
             )
             # Access lines are written in batches, at most 100 ms after the exchange.
             deadline = time.monotonic() + 5
@@ -289,8 +291,7 @@ def test_otlp_wire_sampled_out_requests_propagate_and_export_nothing(
         config["tracing"] = {"instrumentation": instrumentation}
         with spawn_relay(config, tmp_path, env) as relay:
             sent = [
-                httpx.get(f"{relay.url}/headers").json()["headers"]["traceparent"]
-                for _ in range(5)
+                httpx.get(f"{relay.url}/headers").json()["headers"]["traceparent"] for _ in range(5)
             ]
             # A span exported late would arrive within a few schedule delays.
             time.sleep(0.5)

@@ -152,4 +152,3 @@ async def test_fresh_connection_closed_is_not_retried(
         assert (await client.get(f"{relay.url}/ok")).status_code == 200
     assert await retries(relay) == 0
     assert [r.path for r in upstream.seen] == ["/s", "/ok"]
-
