@@ -22,7 +22,7 @@ LEVEL = "cluster_namespace_upstream"
 BY = "cluster, namespace, upstream"
 BY_DEPLOYMENT = "cluster, namespace, job"
 BY_POD = "cluster, namespace, pod, instance"
-# relay_request_duration_seconds buckets (service/metrics.py LATENCY_BUCKETS).
+# relay_request_duration_seconds buckets (service/telemetry/metrics.py LATENCY_BUCKETS).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CONNECT_REASONS = ("connect", "connect_timeout")
 ROUTED = 'upstream!="-"'

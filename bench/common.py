@@ -39,7 +39,7 @@ LOOPBACK = "127.0.0.1"
 # harness that swaps in httpx-aiohttp's stock transport (the YAML still says "aiohttp").
 TRANSPORTS = ("aiohttp", "httpcore", "stock")
 TRANSPORT_LABELS = {
-    "aiohttp": "Relay, transport: aiohttp (service/transport.py)",
+    "aiohttp": "Relay, transport: aiohttp (service/upstreams/aiohttp_pool.py)",
     "httpcore": "Relay, transport: httpcore (httpx default pool)",
     "stock": "Relay, stock httpx_aiohttp.AiohttpTransport",
 }

@@ -62,7 +62,7 @@ from common import (
 from stock_httpx_aiohttp import swap_to_stock
 
 from service.config import UpstreamConfig
-from service.upstreams import Upstream, _NullObserver
+from service.upstreams.pools import Upstream, _NullObserver
 
 
 @dataclass

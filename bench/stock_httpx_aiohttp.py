@@ -21,10 +21,10 @@ from httpx_aiohttp import AiohttpTransport
 
 from service.app import Relay
 from service.config import load_settings
-from service.logs import configure
-from service.server import Service
-from service.tracing import Tracing
-from service.upstreams import Upstream
+from service.server.serve import Service
+from service.telemetry.logs import configure
+from service.telemetry.tracing import Tracing
+from service.upstreams.pools import Upstream
 
 
 class StockTransport(AiohttpTransport):

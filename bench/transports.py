@@ -5,7 +5,7 @@
 
   (a) straight to the upstream;
   (b) nginx as a reverse proxy (1 worker, keep-alive pool of 100);
-  (c) Relay, ``transport: aiohttp`` (service/transport.py);
+  (c) Relay, ``transport: aiohttp`` (service/upstreams/aiohttp_pool.py);
   (d) Relay, ``transport: httpcore`` (httpx's default pool);
   (e) Relay with httpx-aiohttp's stock ``AiohttpTransport`` (bench/stock_httpx_aiohttp.py).
 

@@ -7,7 +7,7 @@ import sys
 
 from . import __version__
 from .config import CONFIG_ENV_VAR, ConfigError, config_path, load_settings
-from .logs import configure
+from .telemetry.logs import configure
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         print(settings.model_dump_json(indent=2))
         return
     configure(settings.log)
-    from .workers import run
+    from .server.workers import run
 
     run(settings, config_file)
 

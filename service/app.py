@@ -15,15 +15,14 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from .admin import Health, create_admin_app
 from .config import ConfigError, Settings
 from .exchange import Exchange, ExchangeObserver
-from .logs import AccessLogObserver
-from .metrics import Metrics
-from .pod import WorkerSlot
 from .proxy import Proxy
-from .tracing import Tracing, TracingObserver, current_exemplar
-from .upstreams import PoolSnapshot, UpstreamSet
+from .telemetry.logs import AccessLogObserver
+from .telemetry.metrics import Metrics
+from .telemetry.pod import WorkerSlot, WorkerState
+from .telemetry.tracing import Tracing, TracingObserver, current_exemplar
+from .upstreams.pools import PoolSnapshot, UpstreamSet
 
 POOL_SAMPLE_SECONDS = 1.0
 GC_THRESHOLDS = (20_000, 20, 20)
@@ -46,6 +45,55 @@ def load_app_hook(spec: str | None) -> AppHook | None:
         raise ConfigError(f"server.app_hook: {spec!r} is not callable")
     hook: AppHook = target
     return hook
+
+
+class Health:
+    """Lifecycle flags read by the probes; written by the lifespan and the drain sequence.
+
+    A worker under a supervisor also publishes them to its slot of the pod's table, and
+    answers readiness for the pod."""
+
+    def __init__(self, slot: WorkerSlot | None = None) -> None:
+        self._slot = slot
+        self._ready = False
+        self._draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
+        self._publish()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self._publish()
+
+    def _publish(self) -> None:
+        if self._slot is None:
+            return
+        if self._draining:
+            self._slot.publish(WorkerState.DRAINING)
+        else:
+            self._slot.publish(WorkerState.READY if self._ready else WorkerState.STARTING)
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, the word the probe answers): the pod's with a supervisor, else this
+        process's."""
+        if self._slot is not None:
+            return self._slot.table.readiness()
+        if self._draining:
+            return False, "draining"
+        if not self._ready:
+            return False, "starting"
+        return True, "ready"
 
 
 class Observers:
@@ -118,9 +166,6 @@ class Relay:
             hook(self.app)
         if tracing is not None:
             tracing.instrument_app(self.app)
-        self.admin_app = create_admin_app(
-            self.health, self.metrics.render, render_in_thread=self.metrics.multiprocess
-        )
 
     def _snapshots(self) -> list[PoolSnapshot]:
         return self._upstreams.snapshots() if self._upstreams is not None else []

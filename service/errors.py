@@ -92,6 +92,10 @@ class StaleConnectionError(httpx.RemoteProtocolError):
     """
 
 
+class BodyTooLarge(Exception):
+    """The request body grew past ``limits.max_body_bytes`` while it was being forwarded."""
+
+
 def classify(exc: BaseException) -> Reason:
     """Map an httpx exception (from either transport) to its reason."""
     if isinstance(exc, httpx.PoolTimeout):

@@ -91,6 +91,16 @@ class Exchange:
         return "ok" if self.response_complete else "incomplete"
 
 
+def bare_host(host: str | None) -> str | None:
+    """A Host value without its port, lowercased (IPv6 literals keep their brackets)."""
+    if not host:
+        return None
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class ExchangeObserver(Protocol):
     def started(self, exchange: Exchange) -> None: ...
     def headers(self, exchange: Exchange) -> None: ...

@@ -3,7 +3,7 @@
 Disconnect safety rests on one rule: the upstream response is closed in a ``finally`` of
 the task that opened it, whatever ends the exchange (completion, a client that hangs up, an
 upstream that fails, cancellation at shutdown), and that close runs to its end even when a
-cancellation arrives during it (see ``upstreams._GatedStream``). Nothing depends on
+cancellation arrives during it (see ``upstreams.pools._GatedStream``). Nothing depends on
 Starlette background tasks, which are skipped on some paths.
 """
 
@@ -19,7 +19,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from .config import RouteConfig, Settings
-from .errors import FAILURES, Reason, classify, proxy_status
+from .errors import FAILURES, BodyTooLarge, Reason, classify, proxy_status
 from .exchange import Exchange, ExchangeObserver, Side
 from .headers import (
     RequestContext,
@@ -28,9 +28,8 @@ from .headers import (
     has_body,
     upstream_request_headers,
 )
-from .limits import BodyTooLarge
 from .routing import Router, rewrite_path
-from .upstreams import Body, Upstream, UpstreamSet
+from .upstreams.pools import Body, Upstream, UpstreamSet
 
 log = logging.getLogger("relay.proxy")
 

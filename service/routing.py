@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from urllib.parse import unquote, unquote_to_bytes
 
 from .config import RouteConfig
+from .exchange import bare_host
 
 
 def _host_matches(pattern: str, host: str) -> bool:
@@ -42,16 +43,6 @@ class Router:
             if _prefix_matches(route.prefix, path):
                 return route
         return None
-
-
-def bare_host(host: str | None) -> str | None:
-    """A Host value without its port, lowercased (IPv6 literals keep their brackets)."""
-    if not host:
-        return None
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")

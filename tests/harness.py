@@ -25,9 +25,9 @@ import yaml
 
 from service.app import Relay
 from service.config import Settings
-from service.listeners import Listeners
-from service.server import Service
-from service.tracing import Tracing
+from service.server.listeners import Listeners
+from service.server.serve import Service
+from service.telemetry.tracing import Tracing
 
 
 def bind_local() -> socket.socket:

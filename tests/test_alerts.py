@@ -25,7 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from service.errors import Reason
 from service.exchange import Phase, Side
-from service.metrics import LATENCY_BUCKETS, Metrics
+from service.telemetry.metrics import LATENCY_BUCKETS, Metrics
 from tests.alert_rules import (
     KUBE_STATE_METRICS,
     ROOT,

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service.config import UpstreamConfig
-from service.upstreams import Upstream, _NullObserver
+from service.upstreams.pools import Upstream, _NullObserver
 from tests.harness import ScriptedUpstream, eventually, respond, run_relay
 
 CHURN_SECONDS = 2.0

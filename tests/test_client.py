@@ -1,12 +1,13 @@
-"""Canaries for ``service.client``: httpx's send path still goes through the client's cookie
-store and auth, so the work they skip stays skipped, and nothing of either is sent."""
+"""Canaries for ``service.upstreams.client``: httpx's send path still goes through the
+client's cookie store and auth, so the work they skip stays skipped, and nothing of either is
+sent."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
 
-from service.client import SendAsIs, UpstreamClient, _NoCookies
+from service.upstreams.client import SendAsIs, UpstreamClient, _NoCookies
 
 
 def upstream(request: httpx.Request) -> httpx.Response:

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from service.coalesce import FLUSH_BYTES, CoalescingWriter
+from service.server.coalesce import FLUSH_BYTES, CoalescingWriter
 from tests.harness import ScriptedUpstream, endless_stream, one_upstream, respond, run_relay
 
 

@@ -262,7 +262,7 @@ def test_process_panels_work_with_one_worker_and_with_several() -> None:
 
 
 def test_queries_use_only_exposed_metrics() -> None:
-    from service.metrics import Metrics
+    from service.telemetry.metrics import Metrics
 
     exposed = {m.name for m in Metrics().registry.collect()}
     known = exposed | {"up", "relay_requests", "relay_disconnects"}

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.gate import Gate, GateTimeout
+from service.upstreams.gate import Gate, GateTimeout
 
 
 async def test_capacity_and_fifo_handover() -> None:

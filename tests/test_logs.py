@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from service.config import LogConfig
 from service.exchange import Exchange, Side
-from service.logs import AccessLogObserver, configure
+from service.telemetry.logs import AccessLogObserver, configure
 
 
 @pytest.fixture(autouse=True)

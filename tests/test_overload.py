@@ -22,7 +22,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.gate import Gate, GateFull, GateTimeout
+from service.upstreams.gate import Gate, GateFull, GateTimeout
 from tests.harness import (
     Request,
     ScriptedUpstream,

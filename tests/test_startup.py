@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from service.listeners import EXIT_CANNOT_START
+from service.server.listeners import EXIT_CANNOT_START
 from tests.harness import free_port, spawn_relay, wait_http
 
 RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

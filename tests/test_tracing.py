@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from service.tracing import Instrumentation, Tracing, exporter_from_env
+from service.telemetry.tracing import Instrumentation, Tracing, exporter_from_env
 from tests.harness import (
     RunningRelay,
     ScriptedUpstream,

@@ -23,8 +23,8 @@ import pytest
 import yaml
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from service import admin, workers
-from service.pod import PodTable, WorkerState
+from service.server import admin, workers
+from service.telemetry.pod import PodTable, WorkerState
 from tests.harness import RelayProcess, free_port, spawn_relay
 from tests.test_metrics import samples, value
 from tests.test_metrics_live import demo_config, scrape, worker_processes

@@ -29,19 +29,15 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from .config import LimitsConfig
-from .errors import FAILURES, Reason, proxy_status
-from .exchange import Exchange, ExchangeObserver
-from .headers import first_value, head_problem
-from .routing import path_problem, routing_path
+from ..config import LimitsConfig
+from ..errors import FAILURES, Reason, proxy_status
+from ..exchange import Exchange, ExchangeObserver
+from ..headers import first_value, head_problem
+from ..routing import path_problem, routing_path
 
 _LOGGED_PATH_BYTES = 256  # of a refused target, in the access log
 _TOO_MANY_FIELDS = "request header fields exceed limits.max_header_count"
 _LINGER_SECONDS = 2.0  # after a refusal, how long what the client still sends is discarded
-
-
-class BodyTooLarge(Exception):
-    """The request body grew past ``limits.max_body_bytes`` while it was being forwarded."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +52,7 @@ class Rejection:
         return f"{text} ({self.detail})" if self.detail else text
 
 
-def _stall_budget(limits: LimitsConfig) -> int:
+def stall_budget_for(limits: LimitsConfig) -> int:
     return (
         limits.max_request_target_bytes
         + limits.max_header_bytes
@@ -72,8 +68,9 @@ class _Refused(Exception):
 Task = tuple[RequestResponseCycle, Any]
 
 
-class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """One client connection. Configured by subclassing: see ``guarded_protocol``."""
+class Guard(HttpToolsProtocol):
+    """The checks, run in the parser's callbacks (a mixin of ``protocol.RelayProtocol``,
+    which sets the class attributes below from the settings)."""
 
     limits: ClassVar[LimitsConfig] = LimitsConfig()
     server_name: ClassVar[str] = "relay"
@@ -82,7 +79,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     overloaded: ClassVar[ASGIApp | None] = None
     # Bytes a head (or a chunk line and trailer section) may take without the parser
     # moving on: beyond it no request could still be within the limits.
-    stall_budget: ClassVar[int] = _stall_budget(LimitsConfig())
+    stall_budget: ClassVar[int] = stall_budget_for(LimitsConfig())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -322,21 +319,3 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         exchange.response_started = exchange.response_complete = True
         exchange.mark_done()
         observer.finished(exchange)
-
-
-def guarded_protocol(
-    limits: LimitsConfig,
-    *,
-    server_name: str,
-    observer: ExchangeObserver | None,
-    overloaded: ASGIApp | None = None,
-) -> type[GuardedHttpToolsProtocol]:
-    """The protocol class for ``uvicorn.Config(http=...)`` with these limits."""
-    attributes: dict[str, Any] = {
-        "limits": limits,
-        "server_name": server_name,
-        "observer": observer,
-        "overloaded": overloaded,
-        "stall_budget": _stall_budget(limits),
-    }
-    return type("LimitedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attributes)

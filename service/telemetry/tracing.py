@@ -41,9 +41,9 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Span, Status, StatusCode
 
-from .config import TracingConfig
-from .errors import FAILURES
-from .exchange import Exchange, Side
+from ..config import TracingConfig
+from ..errors import FAILURES
+from ..exchange import Exchange, Side
 from .native_spans import ClientSpans, ServerSpans
 
 log = logging.getLogger("relay.tracing")

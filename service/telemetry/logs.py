@@ -9,8 +9,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .config import LogConfig
-from .exchange import Exchange
+from ..config import LogConfig
+from ..exchange import Exchange
 from .log_format import ACCESS_FIELDS, JsonLines, TextLines
 from .tracing import TraceContextFilter
 
@@ -158,7 +158,7 @@ class _ServerLifecycle(logging.Filter):
     Each listener is a uvicorn server, so each of these came once per listener and per
     worker, none of them saying which listener it was about. The service logs its own:
     each listener with its name and address, the config, readiness and every step of the
-    drain (``service.server``).
+    drain (``server.serve``).
     """
 
     MESSAGES = frozenset(

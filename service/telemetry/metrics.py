@@ -30,12 +30,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .errors import CLIENT_REASONS, Reason
-from .exchange import Exchange, Phase, Side
+from .. import __version__
+from ..errors import CLIENT_REASONS, Reason
+from ..exchange import Exchange, Phase, Side
+from ..upstreams.pools import PoolSnapshot
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
-from .upstreams import PoolSnapshot
 
 PREFIX = "relay"
 NO_UPSTREAM = "-"  # label value for requests that matched no route

@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import ContentLengthError, HttpProcessingError
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from .errors import StaleConnectionError
+from ..errors import StaleConnectionError
 
 # aiohttp adds these when absent; a proxy must send only what the client sent.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")

@@ -21,24 +21,20 @@ from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from . import __version__
-from .app import Relay
-from .coalesce import CoalescedWrites
-from .config import Settings
+from .. import __version__
+from ..app import Relay
+from ..config import Settings
+from ..telemetry.logs import install_uvicorn_filters
+from ..telemetry.pod import WorkerSlot
+from ..telemetry.tracing import Tracing
+from .admin import create_admin_app
 from .demo import create_demo_app
-from .limits import guarded_protocol
 from .listeners import EXIT_CANNOT_START, Listeners, bind_listeners
-from .logs import install_uvicorn_filters
-from .pod import WorkerSlot
-from .tracing import Tracing
+from .protocol import RelayProtocol
 
 log = logging.getLogger("relay.server")
 
-# How long a connection accepted just before the listener closed may take to send its
-# request head once the drain has begun.
-FRESH_CONNECTION_GRACE_SECONDS = 1.0
 # Once requests are cut, how long they get to send their answer and write their access line.
 CUT_SECONDS = 5.0
 POLL_SECONDS = 0.1
@@ -116,47 +112,6 @@ class _Server(uvicorn.Server):
         return True
 
 
-class _DrainSafe(HttpToolsProtocol):
-    """When the listener closes, uvicorn closes every connection with no request under way.
-
-    A connection accepted just before has its request on the way, or already in the socket
-    unread: closing it would reset a request the client sent to an open listener. So such a
-    connection gets ``FRESH_CONNECTION_GRACE_SECONDS`` for its request head, and that one
-    request is served, with ``Connection: close``.
-    """
-
-    _draining = False
-
-    def shutdown(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
-            self._draining = True
-            self.loop.call_later(FRESH_CONNECTION_GRACE_SECONDS, self._close_if_no_request)
-            return
-        super().shutdown()
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        if self._draining and self.cycle is not None:
-            self.cycle.keep_alive = False
-
-    def _close_if_no_request(self) -> None:
-        if self.cycle is None:
-            self.transport.close()
-
-
-def _proxy_protocol(settings: Settings, relay: Relay) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol for the proxy listener, in one place: the drain above,
-    coalesced response writes, the request limits and hostile-input checks, and the proxy's
-    own answer to requests over ``server.limit_concurrency``."""
-    limited = guarded_protocol(
-        settings.limits,
-        server_name=settings.server.name,
-        observer=relay.observers,
-        overloaded=relay.proxy.overloaded,
-    )
-    return type("RelayHttpToolsProtocol", (_DrainSafe, CoalescedWrites, limited), {})
-
-
 def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -231,7 +186,7 @@ class Service:
                 lifespan="on",
                 backlog=server.backlog,
                 timeout_graceful_shutdown=server.grace_period_seconds,
-                http=_proxy_protocol(settings, self.relay),
+                http=RelayProtocol.configured(settings, self.relay),
                 limit_concurrency=server.limit_concurrency or None,
             )
         )
@@ -240,7 +195,7 @@ class Service:
         self.proxy_server.on_grace_over = self._grace_over
         self.admin_server = _Server(
             _uvicorn_config(
-                _answer_when_cut(self.relay.admin_app),
+                _answer_when_cut(create_admin_app(self.relay)),
                 server.admin_host,
                 server.admin_port,
                 lifespan="off",

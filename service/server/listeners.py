@@ -13,7 +13,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from .config import Settings
+from ..config import Settings
 
 log = logging.getLogger("relay.server")
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from .errors import StaleConnectionError
-from .transport import attempt_of
+from ..errors import StaleConnectionError
+from .aiohttp_pool import attempt_of
 
 
 class HttpcoreTransport(httpx.AsyncHTTPTransport):

@@ -20,13 +20,12 @@ from typing import Any, Protocol, cast
 import anyio
 import httpx
 
+from ..config import UpstreamConfig
+from ..errors import StaleConnectionError
+from .aiohttp_pool import AiohttpTransport, attempt_of
 from .client import UpstreamClient
-from .config import UpstreamConfig
-from .errors import StaleConnectionError
 from .gate import Gate, GateTimeout
-from .headers import first_value
-from .httpcore_transport import HttpcoreTransport
-from .transport import AiohttpTransport, attempt_of
+from .httpcore_pool import HttpcoreTransport
 
 TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -328,7 +327,7 @@ class Upstream:
             return httpx.Request(
                 method, url, headers=headers, stream=NO_BODY, extensions=extensions
             )
-        if first_value(headers, b"content-length") is None:
+        if not any(name == b"content-length" for name, _ in headers):
             # The framing httpx itself would choose for a stream of unknown length.
             headers = [*headers, (b"transfer-encoding", b"chunked")]
         return httpx.Request(method, url, headers=headers, stream=body, extensions=extensions)

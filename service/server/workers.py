@@ -12,7 +12,7 @@ sockets it bound, and relays stop signals to them:
 
 Workers start with SIGTERM, SIGINT and ``CUT_SIGNAL`` blocked (a signal mask is inherited),
 so a signal that reaches a worker still starting waits until its own handlers are in place
-(``server.Service.serve`` unblocks them) instead of killing it with a traceback.
+(``serve.Service.serve`` unblocks them) instead of killing it with a traceback.
 
 A worker that dies is respawned in its slot (the same index, so its metrics files and its
 ``worker`` label carry on) after a delay that doubles with each death in a row that came
@@ -22,10 +22,10 @@ stop the pod: the other workers drain and the supervisor exits with
 keeps losing workers. Respawns are counted in ``relay_worker_restarts_total``.
 
 Metrics use prometheus-client's multiprocess mode: the directory is created empty at start,
-each worker slot has one set of files (multiproc.py), and a dead worker's live gauges are
-removed before it is replaced, so in-flight and pool gauges never count a process that is
-gone. The workers share a small table in the same directory (pod.py) for readiness and the
-pod's process metrics.
+each worker slot has one set of files (telemetry/multiproc.py), and a dead worker's live
+gauges are removed before it is replaced, so in-flight and pool gauges never count a process
+that is gone. The workers share a small table in the same directory (telemetry/pod.py) for
+readiness and the pod's process metrics.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from .config import Settings, summary
+from ..config import Settings, summary
+from ..telemetry.multiproc import use_files_of, worker_file_id
+from ..telemetry.pod import PodTable, WorkerSlot
 from .listeners import EXIT_CANNOT_START, ListenerError, Listeners, announce, bind_listeners
-from .multiproc import use_files_of, worker_file_id
-from .pod import PodTable, WorkerSlot
-from .server import CUT_SIGNAL, STOP_SIGNALS, serve_forever
+from .serve import CUT_SIGNAL, STOP_SIGNALS, serve_forever
 
 log = logging.getLogger("relay.workers")
 startup_log = logging.getLogger("relay.server")
@@ -82,7 +82,7 @@ def prepare_metrics_dir() -> Path:
 
 
 def _worker(settings: Settings, listeners: Listeners, table: PodTable, index: int) -> None:
-    from .logs import configure
+    from ..telemetry.logs import configure
 
     configure(settings.log)
     use_files_of(worker_file_id(index))  # before any metric exists

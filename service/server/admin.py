@@ -4,7 +4,7 @@ Kept off the proxy port so that upstream paths such as ``/metrics`` or ``/health
 reach the upstream.
 
 ``/healthz`` is this process's liveness. ``/readyz`` is the pod's readiness: with several
-workers any of them may take the probe, so each answers for the pod (pod.py). ``/metrics``
+workers any of them may take the probe, so each answers for the pod (telemetry/pod.py). ``/metrics``
 with several workers merges every worker's files: that runs in a thread, never on the loop
 that serves proxy traffic, with at most ``MAX_SCRAPES`` at once and ``MAX_WAITING_SCRAPES``
 queued behind them (more are answered 503 at once rather than piling up threads' work).
@@ -18,61 +18,12 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from .pod import WorkerSlot, WorkerState
+from ..app import Relay
 
 RenderMetrics = Callable[[str | None], tuple[bytes, str]]
 
 MAX_SCRAPES = 2
 MAX_WAITING_SCRAPES = 8
-
-
-class Health:
-    """Lifecycle flags read by the probes; written by the lifespan and the drain sequence.
-
-    A worker under a supervisor also publishes them to its slot of the pod's table, and
-    answers readiness for the pod."""
-
-    def __init__(self, slot: WorkerSlot | None = None) -> None:
-        self._slot = slot
-        self._ready = False
-        self._draining = False
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @ready.setter
-    def ready(self, value: bool) -> None:
-        self._ready = value
-        self._publish()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        self._draining = value
-        self._publish()
-
-    def _publish(self) -> None:
-        if self._slot is None:
-            return
-        if self._draining:
-            self._slot.publish(WorkerState.DRAINING)
-        else:
-            self._slot.publish(WorkerState.READY if self._ready else WorkerState.STARTING)
-
-    def readiness(self) -> tuple[bool, str]:
-        """(ready, the word the probe answers): the pod's with a supervisor, else this
-        process's."""
-        if self._slot is not None:
-            return self._slot.table.readiness()
-        if self._draining:
-            return False, "draining"
-        if not self._ready:
-            return False, "starting"
-        return True, "ready"
 
 
 class _Scrapes:
@@ -100,13 +51,13 @@ class _Scrapes:
         return Response(body, media_type=content_type)
 
 
-def create_admin_app(
-    health: Health, render_metrics: RenderMetrics, *, render_in_thread: bool = False
-) -> FastAPI:
+def create_admin_app(relay: Relay) -> FastAPI:
+    """The admin app of ``relay``: its health flags and its metrics."""
+    health, render_metrics = relay.health, relay.metrics.render
     app = FastAPI(title="relay admin", openapi_url=None, docs_url=None, redoc_url=None)
     # An exact route: Prometheus does not follow a /metrics -> /metrics/ redirect.
     app.router.redirect_slashes = False
-    scrapes = _Scrapes(render_metrics) if render_in_thread else None
+    scrapes = _Scrapes(render_metrics) if relay.metrics.multiprocess else None
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:

@@ -23,7 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .routing import bare_host
+from ..exchange import bare_host
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
