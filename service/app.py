@@ -7,7 +7,6 @@ routes or middleware added to ``Relay.app`` (see ``server.app_hook``) come first
 
 from __future__ import annotations
 
-import gc
 import importlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -25,7 +24,6 @@ from .telemetry.tracing import Tracing, TracingObserver, current_exemplar
 from .upstreams.pools import PoolSnapshot, UpstreamSet
 
 POOL_SAMPLE_SECONDS = 1.0
-GC_THRESHOLDS = (20_000, 20, 20)
 
 AppHook = Callable[[FastAPI], None]
 
@@ -54,44 +52,32 @@ class Health:
     answers readiness for the pod."""
 
     def __init__(self, slot: WorkerSlot | None = None) -> None:
+        self._slot: WorkerSlot | None = None  # nothing is published while it is built
+        self.ready = False
+        self.draining = False
         self._slot = slot
-        self._ready = False
-        self._draining = False
 
-    @property
-    def ready(self) -> bool:
-        return self._ready
-
-    @ready.setter
-    def ready(self, value: bool) -> None:
-        self._ready = value
-        self._publish()
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        self._draining = value
-        self._publish()
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in ("ready", "draining"):
+            self._publish()
 
     def _publish(self) -> None:
         if self._slot is None:
             return
-        if self._draining:
+        if self.draining:
             self._slot.publish(WorkerState.DRAINING)
         else:
-            self._slot.publish(WorkerState.READY if self._ready else WorkerState.STARTING)
+            self._slot.publish(WorkerState.READY if self.ready else WorkerState.STARTING)
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, the word the probe answers): the pod's with a supervisor, else this
         process's."""
         if self._slot is not None:
             return self._slot.table.readiness()
-        if self._draining:
+        if self.draining:
             return False, "draining"
-        if not self._ready:
+        if not self.ready:
             return False, "starting"
         return True, "ready"
 
@@ -181,16 +167,6 @@ class Relay:
         upstreams = UpstreamSet(self.settings.upstreams, self.metrics, wrap)
         await upstreams.open()
         self._upstreams = upstreams
-        # Everything alive now lives as long as the process: keeping it out of the cyclic
-        # collector's generations makes full collections (latency spikes under load) cost
-        # what a request allocates, not what the whole program holds. The default
-        # thresholds (700, 10, 10) collect the youngest generation every few requests, each
-        # time walking and promoting the objects of every request in flight; with 1,000
-        # requests in flight these thresholds gave 25-40% more requests per second
-        # (bench/compare.py, slow-upstream load) for a few MiB of young objects.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
         self.health.ready = True
         try:
             async with anyio.create_task_group() as tg:

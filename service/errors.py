@@ -8,7 +8,9 @@ status, so the four can never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.utils import formatdate
 from enum import StrEnum
+from http import HTTPStatus
 
 import httpx
 
@@ -127,3 +129,56 @@ def proxy_status(server_name: str, reason: Reason, upstream: str | None) -> str:
     if upstream is not None:
         value += f'; next-hop="{upstream}"'
     return value
+
+
+# Answers that tell the client to come back: the pool or the worker is full for now.
+RETRY_LATER: frozenset[Reason] = frozenset({Reason.POOL_TIMEOUT, Reason.OVERLOADED})
+# Answers after which the connection closes. Too large: the rest of the body stays unread, so
+# the connection cannot carry another request. Overloaded: a connection fewer is what the
+# worker needs.
+CLOSE_AFTER: frozenset[Reason] = frozenset({Reason.BODY_TOO_LARGE, Reason.OVERLOADED})
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """The proxy's own answer to a failure: plain text naming it, ``Proxy-Status``, no-store."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    def wire(self, *, head_only: bool = False) -> bytes:
+        """As HTTP/1.1 bytes, for a connection no ASGI application is serving."""
+        lines = [f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}".encode()]
+        lines += [name + b": " + value for name, value in self.headers]
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        return head if head_only else head + self.body
+
+
+def error_response(
+    reason: Reason,
+    *,
+    server_name: str,
+    upstream: str | None = None,
+    text: str | None = None,
+    retry_after_seconds: int | None = None,
+    close: bool = False,
+) -> ErrorResponse:
+    """The answer for ``reason``, served by the proxy (ASGI) and the parse-time guard (raw
+    bytes) alike. ``text`` replaces the reason's own; ``close``: the connection closes after
+    it whatever the reason."""
+    failure = FAILURES[reason]
+    phrase = HTTPStatus(failure.status).phrase
+    body = f"{failure.status} {phrase}: {text or failure.text}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"proxy-status", proxy_status(server_name, reason, upstream).encode()),
+        (b"cache-control", b"no-store"),
+        (b"date", formatdate(usegmt=True).encode()),
+    ]
+    if retry_after_seconds is not None and reason in RETRY_LATER:
+        headers.append((b"retry-after", str(retry_after_seconds).encode()))
+    if close or reason in CLOSE_AFTER:
+        headers.append((b"connection", b"close"))
+    return ErrorResponse(failure.status, headers, body)

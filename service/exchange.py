@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from .errors import Reason
+from .errors import FAILURES, Reason
 
 
 class Side(StrEnum):
@@ -49,6 +49,12 @@ class Exchange:
 
     def mark_done(self) -> None:
         self.total_seconds = time.perf_counter() - self.started
+
+    def fail(self, reason: Reason) -> None:
+        """The proxy answers with its own error for ``reason``; a cause found earlier (a
+        reset, say) stays the exchange's reason."""
+        self.reason = self.reason or reason
+        self.status = FAILURES[reason].status
 
     def disconnected(self, side: Side) -> None:
         # Once the last body message is handed to the server, ASGI servers answer
@@ -91,6 +97,7 @@ class Exchange:
         return "ok" if self.response_complete else "incomplete"
 
 
+# Shared by routing and the server span: one reading of the request's host.
 def bare_host(host: str | None) -> str | None:
     """A Host value without its port, lowercased (IPv6 literals keep their brackets)."""
     if not host:
@@ -107,3 +114,14 @@ class ExchangeObserver(Protocol):
     # The proxy is about to answer with an error of its own (status and reason are set).
     def failing(self, exchange: Exchange) -> None: ...
     def finished(self, exchange: Exchange) -> None: ...
+
+
+def report_refused(observer: ExchangeObserver, exchange: Exchange, reason: Reason) -> None:
+    """The events of an exchange refused before any application saw it, in the order the
+    proxy's own error answers produce them: started, failing, finished."""
+    observer.started(exchange)
+    exchange.fail(reason)
+    observer.failing(exchange)
+    exchange.response_started = exchange.response_complete = True
+    exchange.mark_done()
+    observer.finished(exchange)

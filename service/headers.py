@@ -6,7 +6,6 @@ Works on ASGI-style lists of ``(bytes, bytes)`` pairs so duplicates and order su
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -45,9 +44,6 @@ CLAIMED_NAMES: frozenset[bytes] = frozenset(
         b"x-cluster-client-ip",
     }
 )
-# An authority without userinfo, path or anything that needs decoding: reg-name in LDH
-# form (plus "_") or a bracketed IPv6 literal, then an optional port.
-_HOST = re.compile(rb"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 # Request fields upstream_request_headers reads and writes itself, never passed through as sent.
 _READ_UPSTREAM: frozenset[bytes] = FORWARDED_NAMES | {b"host", b"via", b"content-length"}
@@ -88,44 +84,6 @@ def first_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | 
 def _joined(headers: RawHeaders, name: bytes) -> bytes | None:
     values = [v for n, v in headers if n == name]
     return b", ".join(values) if values else None
-
-
-def head_problem(headers: Iterable[tuple[bytes, bytes]], http_version: str) -> str | None:
-    """Why a request head's Host or framing fields must be refused (400), or None.
-
-    ``headers`` as the server parsed them (names lowercased). The proxy re-frames every body
-    it forwards, so only requests whose framing is unambiguous get that far (RFC 9112 6.1,
-    6.3): one Content-Length, or Transfer-Encoding exactly ``chunked`` in HTTP/1.1 and no
-    Content-Length. Host must be a single plain authority (RFC 9112 3.2).
-    """
-    hosts = lengths = 0
-    host: bytes | None = None
-    codings: list[bytes] = []
-    for name, value in headers:
-        if name == b"host":
-            hosts += 1
-            host = value
-        elif name == b"content-length":
-            lengths += 1
-        elif name == b"transfer-encoding":
-            codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
-    if hosts > 1:
-        return "more than one Host"
-    if host is None:
-        if http_version != "1.0":
-            return "no Host"
-    elif not _HOST.fullmatch(host):
-        return "invalid Host"
-    if lengths > 1:
-        return "more than one Content-Length"
-    if codings:
-        if http_version != "1.1":
-            return "Transfer-Encoding outside HTTP/1.1"
-        if codings != [b"chunked"]:
-            return "Transfer-Encoding other than chunked"
-        if lengths:
-            return "both Transfer-Encoding and Content-Length"
-    return None
 
 
 def _forwarded_node(peer: str) -> bytes:

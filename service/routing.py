@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from urllib.parse import unquote, unquote_to_bytes
 
 from .config import RouteConfig
 from .exchange import bare_host
@@ -47,52 +45,6 @@ class Router:
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _SLASHES = frozenset(b"/\\")
-_SLASH_SPLIT = re.compile(rb"[/\\]")
-
-
-def _fully_decoded(segment: bytes) -> bytes:
-    """``segment`` percent-decoded until nothing changes: what an upstream that decodes
-    any number of times would end up with."""
-    while b"%" in segment:
-        decoded = unquote_to_bytes(segment)
-        if decoded == segment:
-            break
-        segment = decoded  # strictly shorter, so this ends
-    return segment
-
-
-def path_problem(raw_path: bytes, *, allow_encoded_slashes: bool) -> str | None:
-    """Why a raw origin-form path must be refused, or None.
-
-    Routing sees the decoded path but the upstream gets the raw one, and servers differ in
-    how often they decode and whether ``\\``, ``%2F`` or ``..;`` separate segments. So
-    anything that could become a dot segment or a separator after any number of decodings
-    is refused rather than normalised: normalising would make the proxy and the upstream
-    disagree about which path was asked for.
-    """
-    if b"\\" in raw_path:
-        return "backslash in path"
-    if b"%" not in raw_path and b"/." not in raw_path:
-        return None
-    for segment in raw_path.split(b"/"):
-        decoded = _fully_decoded(segment)
-        pieces = [decoded]
-        if b"/" in decoded or b"\\" in decoded:
-            if not allow_encoded_slashes:
-                return "encoded slash in path"
-            pieces = _SLASH_SPLIT.split(decoded)
-        for piece in pieces:
-            # ";" starts path parameters, which some servers drop: "..;" is ".." to them.
-            if piece.split(b";", 1)[0] in (b".", b".."):
-                return "dot segment in path"
-    return None
-
-
-def routing_path(raw_path: bytes) -> str:
-    """The decoded path routes match when encoded slashes are allowed: ``%2F`` and ``%5C``
-    stay encoded, so they never separate segments for routing (nor, then, for rewriting)."""
-    segments = (unquote(s.decode("ascii")) for s in raw_path.split(b"/"))
-    return "/".join(s.replace("/", "%2F").replace("\\", "%5C") for s in segments)
 
 
 def _encoded_length(raw: bytes, decoded: bytes) -> int | None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 
@@ -35,6 +36,19 @@ async def test_app_hook_routes_and_middleware_beside_the_proxy() -> None:
     assert "via" in proxied.headers
     assert beside.content == b"up"
     assert [r.path for r in upstream.seen] == ["/x", "/_relay"]
+
+
+async def test_a_relay_in_this_process_leaves_its_garbage_collector_alone() -> None:
+    """GC tuning is process-wide: the serving process's entry point does it, a relay that a
+    test (or any embedding program) starts does not."""
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+    upstream = ScriptedUpstream({"/x": respond(200, b"ok")})
+    async with upstream.running():
+        config = one_upstream(upstream.url)
+        async with run_relay(config) as relay, httpx.AsyncClient() as client:
+            assert (await client.get(f"{relay.url}/x")).content == b"ok"
+            assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, frozen)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, frozen)
 
 
 def test_relay_is_a_fastapi_app_whose_default_is_the_proxy() -> None:

@@ -22,6 +22,7 @@ from tests.harness import (
     hang,
     one_upstream,
     pool_settled,
+    raw_exchange,
     reset_mid_body,
     respond,
     run_relay,
@@ -199,3 +200,36 @@ async def test_failure_after_headers_truncates_the_response(
         assert time.monotonic() - started < 2
         await eventually(lambda: pool_settled(relay))
     assert received == sent
+
+
+def _head_and_body(raw: bytes) -> tuple[str, list[str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode("latin-1").split("\r\n")
+    return status_line, [field.split(":", 1)[0].lower() for field in fields], body
+
+
+async def test_the_guard_and_the_proxy_answer_errors_alike() -> None:
+    """One error answer, whichever path writes it: a request the parse-time guard refuses
+    (raw bytes, before any application) and one the proxy answers (no route, through ASGI)
+    carry the same fields in the same order and the same kind of body."""
+    config = {
+        **one_upstream("http://127.0.0.1:9"),
+        "routes": [{"prefix": "/api", "upstream": "up"}],
+    }
+    async with run_relay(config) as relay:
+        refused = await raw_exchange(
+            relay.url, b"GET /api/../x HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+        )
+        unrouted = await raw_exchange(
+            relay.url, b"GET /other HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+        )
+    guard_status, guard_fields, guard_body = _head_and_body(refused)
+    proxy_status, proxy_fields, proxy_body = _head_and_body(unrouted)
+    assert guard_status == "HTTP/1.1 400 Bad Request"
+    assert guard_body == b"400 Bad Request: malformed request (dot segment in path)\n"
+    assert proxy_status == "HTTP/1.1 404 Not Found"
+    assert proxy_body == b"404 Not Found: no route for this request\n"
+    shared = ["content-type", "content-length", "proxy-status", "cache-control", "date"]
+    assert guard_fields == [*shared, "connection"]
+    # uvicorn adds its own "connection: close" when the client asked for it.
+    assert [f for f in proxy_fields if f != "connection"] == shared

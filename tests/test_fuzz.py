@@ -33,7 +33,8 @@ from service.headers import (
     downstream_response_headers,
     upstream_request_headers,
 )
-from service.routing import Router, path_problem, rewrite_path, routing_path
+from service.routing import Router, rewrite_path
+from service.server.head_checks import path_problem, routing_path
 from tests.harness import RelayProcess, spawn_relay
 from tests.raw_upstream import RecordingUpstream, Seen, recording_upstream_thread
 

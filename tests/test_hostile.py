@@ -18,13 +18,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from service.headers import (
-    CLAIMED_NAMES,
-    RequestContext,
-    head_problem,
-    upstream_request_headers,
-)
-from service.routing import path_problem, routing_path
+from service.headers import CLAIMED_NAMES, RequestContext, upstream_request_headers
+from service.server.head_checks import head_problem, path_problem, routing_path
 from tests.harness import RunningRelay, eventually, metric, run_relay
 from tests.raw_upstream import ConnectionLog, RecordingUpstream
 

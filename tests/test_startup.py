@@ -190,3 +190,22 @@ def test_text_format_over_a_real_process(tmp_path: Path) -> None:
     ), access[0]
     assert any(line.endswith(f"INFO relay.server proxy listener on {relay.url}") for line in lines)
     assert not any(line.lstrip().startswith("{") for line in lines)
+
+
+def test_each_serving_process_tunes_its_garbage_collector_once(tmp_path: Path) -> None:
+    """At the entry point of every process that serves (here two workers), after start-up:
+    nothing else in those processes, and nothing in a process that embeds a relay, does."""
+    upstream_port = free_port()
+    config = {
+        "server": {"workers": 2},
+        "log": {"level": "DEBUG"},
+        "upstreams": {"api": {"url": f"http://127.0.0.1:{upstream_port}"}},
+        "routes": [{"prefix": "/", "upstream": "api"}],
+    }
+    with spawn_relay(config, tmp_path, clean_env()) as relay:
+        pass
+    lines = relay.lines()
+    tuned = [line for line in lines if line["message"].startswith("gc: ")]
+    ready = [line for line in lines if line["message"].startswith("ready: relay ")]
+    assert len(tuned) == len(ready) == 2, relay.log()[-3000:]
+    assert all(m["message"].endswith("thresholds (20000, 20, 20)") for m in tuned)

@@ -7,7 +7,7 @@ final coding other than chunked, obs-fold, whitespace before the colon, bare CR 
 bad chunk sizes and extensions. What it lets through is refused here: other codings before
 chunked, Transfer-Encoding outside HTTP/1.1, HTTP/0.9 and 2.0 request lines, CONNECT,
 targets not in origin form, missing, repeated or odd Host fields, paths the upstream could resolve
-differently (see ``routing.path_problem``), and a body under an Upgrade the parser would
+differently (see ``head_checks.path_problem``), and a body under an Upgrade the parser would
 not read. The limits are counted as the bytes arrive, so an endless request line or header
 section costs at most the limit plus one read, never unbounded memory.
 
@@ -19,9 +19,6 @@ the connection closes; it is counted and logged like any other exchange with no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, ClassVar
 
 import httptools
@@ -30,26 +27,13 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from ..config import LimitsConfig
-from ..errors import FAILURES, Reason, proxy_status
-from ..exchange import Exchange, ExchangeObserver
-from ..headers import first_value, head_problem
-from ..routing import path_problem, routing_path
+from ..errors import Reason, error_response
+from ..exchange import Exchange, ExchangeObserver, report_refused
+from .head_checks import Rejection, check_head, routing_path
 
 _LOGGED_PATH_BYTES = 256  # of a refused target, in the access log
 _TOO_MANY_FIELDS = "request header fields exceed limits.max_header_count"
 _LINGER_SECONDS = 2.0  # after a refusal, how long what the client still sends is discarded
-
-
-@dataclass(frozen=True)
-class Rejection:
-    reason: Reason
-    detail: str | None = None  # appended to the reason's text
-    instead: str | None = None  # replaces it
-
-    @property
-    def text(self) -> str:
-        text = self.instead or FAILURES[self.reason].text
-        return f"{text} ({self.detail})" if self.detail else text
 
 
 def stall_budget_for(limits: LimitsConfig) -> int:
@@ -200,37 +184,16 @@ class Guard(HttpToolsProtocol):
         return _Refused(rejection.reason)
 
     def _check_head(self) -> Rejection | None:
-        version: str = self.parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            return Rejection(Reason.BAD_REQUEST, "unsupported HTTP version")
-        url: bytes = self.url
-        if self.parser.get_method() == b"CONNECT":
-            # A tunnel, and llhttp would not read past its head; the upstream client would
-            # send it on in authority form.
-            return Rejection(Reason.BAD_REQUEST, "CONNECT is not proxied")
-        if url[:1] != b"/" or b"#" in url:
-            # Absolute, authority and asterisk forms: the upstream is the configured one,
-            # never one a request names.
-            return Rejection(Reason.BAD_REQUEST, "request target not in origin form")
-        limits = self.limits
-        problem = path_problem(
-            url.split(b"?", 1)[0], allow_encoded_slashes=limits.allow_encoded_slashes
-        ) or head_problem(self.headers, version)
-        if problem is not None:
-            return Rejection(Reason.BAD_REQUEST, problem)
-        upgrade = self.parser.should_upgrade()
-        if not upgrade and not limits.max_body_bytes:
-            return None
-        raw_length = first_value(self.headers, b"content-length")
-        length = int(raw_length) if raw_length is not None else None
-        declares_body = length or any(n == b"transfer-encoding" for n, _ in self.headers)
-        if upgrade and declares_body and not self._should_upgrade():
-            # llhttp hands the bytes after an Upgrade request's head to the new protocol,
-            # so a body there would never be read, and forwarded short.
-            return Rejection(Reason.BAD_REQUEST, "request body with Upgrade")
-        if limits.max_body_bytes and length is not None and length > limits.max_body_bytes:
-            return Rejection(Reason.BODY_TOO_LARGE)
-        return None
+        upgrade: bool = self.parser.should_upgrade()
+        return check_head(
+            self.url,
+            self.parser.get_method(),
+            self.parser.get_http_version(),
+            self.headers,
+            self.limits,
+            upgrade=upgrade,
+            upgrade_accepted=upgrade and self._should_upgrade(),
+        )
 
     # -- refusing ------------------------------------------------------------------------
     def _refuse(self, rejection: Rejection) -> None:
@@ -294,28 +257,12 @@ class Guard(HttpToolsProtocol):
         return str(self.parser.get_method().decode("ascii")) if self.url else "-"
 
     def _write_error(self, rejection: Rejection, method: str) -> None:
-        status = FAILURES[rejection.reason].status
-        body = f"{status} {HTTPStatus(status).phrase}: {rejection.text}\n".encode()
-        head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "content-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\n"
-            f"proxy-status: {proxy_status(self.server_name, rejection.reason, None)}\r\n"
-            "cache-control: no-store\r\n"
-            f"date: {formatdate(usegmt=True)}\r\n"
-            "connection: close\r\n\r\n"
-        ).encode()
-        self.transport.write(head if method == "HEAD" else head + body)
+        response = error_response(
+            rejection.reason, server_name=self.server_name, text=rejection.text, close=True
+        )
+        self.transport.write(response.wire(head_only=method == "HEAD"))
 
     def _report(self, rejection: Rejection, method: str, path: str) -> None:
-        observer = self.observer
-        if observer is None:
-            return
-        exchange = Exchange(method=method, route=None, upstream=None, path=path)
-        observer.started(exchange)
-        exchange.reason = rejection.reason
-        exchange.status = FAILURES[rejection.reason].status
-        observer.failing(exchange)
-        exchange.response_started = exchange.response_complete = True
-        exchange.mark_done()
-        observer.finished(exchange)
+        if self.observer is not None:
+            exchange = Exchange(method=method, route=None, upstream=None, path=path)
+            report_refused(self.observer, exchange, rejection.reason)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -44,6 +45,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # The admin and demo listeners close once the proxy has drained: by then nothing the proxy
 # serves depends on them, so what is left there gets this long.
 SIDE_LISTENER_GRACE_SECONDS = 1.0
+# The cyclic collector's thresholds in a serving process (see tune_gc).
+GC_THRESHOLDS = (20_000, 20, 20)
 CUT_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
     (b"content-length", b"14"),
@@ -154,6 +157,24 @@ def _answer_when_cut(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
+def tune_gc() -> None:
+    """Process-wide, so run once by the process that serves (``serve_forever``), never by
+    one that only embeds a ``Service``.
+
+    Everything alive once the proxy serves lives as long as the process: keeping it out of
+    the cyclic collector's generations makes full collections (latency spikes under load)
+    cost what a request allocates, not what the whole program holds. The default thresholds
+    (700, 10, 10) collect the youngest generation every few requests, each time walking and
+    promoting the objects of every request in flight; with 1,000 requests in flight these
+    thresholds gave 25-40% more requests per second (bench/compare.py, slow-upstream load)
+    for a few MiB of young objects.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), GC_THRESHOLDS)
+
+
 def _one(sock: Any) -> list[Any] | None:
     return [sock] if sock is not None else None
 
@@ -163,7 +184,8 @@ def _plural(count: int, noun: str) -> str:
 
 
 class Service:
-    """One process's listeners and drain. ``worker``: run under a supervisor (see above)."""
+    """One process's listeners and drain. ``worker``: run under a supervisor (see above);
+    ``on_ready``: called once the proxy listener serves."""
 
     def __init__(
         self,
@@ -172,11 +194,13 @@ class Service:
         *,
         worker: bool = False,
         slot: WorkerSlot | None = None,
+        on_ready: Callable[[], None] | None = None,
     ):
         install_uvicorn_filters()
         self.settings = settings
         self.relay = relay or Relay(settings, tracing=Tracing.from_env(settings.tracing), slot=slot)
         self.worker = worker
+        self._on_ready = on_ready
         server = settings.server
         self.proxy_server = _Server(
             _uvicorn_config(
@@ -264,6 +288,8 @@ class Service:
 
     def _ready(self) -> None:
         log.info("ready: relay %s (pid %d)", __version__, os.getpid())
+        if self._on_ready is not None:
+            self._on_ready()
 
     def _listener_closed(self, in_flight: int) -> None:
         if self._cut:
@@ -324,7 +350,8 @@ def serve_forever(
     import uvloop
 
     try:
-        uvloop.run(Service(settings, worker=slot is not None, slot=slot).serve(sockets))
+        service = Service(settings, worker=slot is not None, slot=slot, on_ready=tune_gc)
+        uvloop.run(service.serve(sockets))
     finally:
         # Worker processes end without interpreter shutdown hooks: write buffered lines.
         for handler in logging.getLogger().handlers:
