@@ -27,33 +27,10 @@ from aiohttp.tracing import Trace
 from yarl import URL
 
 from ..errors import StaleConnectionError
+from .attempt import AttemptInfo, PoolTransport, attempt_of
 
 # aiohttp adds these when absent; a proxy must send only what the client sent.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-class AttemptInfo:
-    """Per-attempt facts a transport reports back to the retry policy."""
-
-    __slots__ = ("fresh", "reused")
-
-    def __init__(self) -> None:
-        self.reused = False
-        # Set for the stale keep-alive retry: any other pooled connection may be just as
-        # stale (an upstream that drops its idle connections drops them all), so the retry
-        # must go out on a new one.
-        self.fresh = False
-
-
-ATTEMPT_EXTENSION = "relay.attempt"
-
-
-def attempt_of(request: httpx.Request) -> AttemptInfo:
-    info = request.extensions.get(ATTEMPT_EXTENSION)
-    if not isinstance(info, AttemptInfo):
-        info = AttemptInfo()
-        request.extensions[ATTEMPT_EXTENSION] = info
-    return info
 
 
 # The attempt being sent by the current task, for the connector to mark as reused. A
@@ -259,7 +236,9 @@ class _ResponseStream(httpx.AsyncByteStream):
             self._response.close()
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
+class AiohttpTransport(PoolTransport):
+    cancel_safe = True  # aiohttp closes a connection cancelled mid-request, synchronously
+
     def __init__(self, *, limits: httpx.Limits, verify: bool = True) -> None:
         self._limits = limits
         self._ssl: ssl.SSLContext | bool = (

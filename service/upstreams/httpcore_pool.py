@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 
 from ..errors import StaleConnectionError
-from .aiohttp_pool import attempt_of
+from .attempt import PoolTransport, attempt_of
 
 
-class HttpcoreTransport(httpx.AsyncHTTPTransport):
+class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
     """httpx's default transport, plus what the gate and retry policy need from it."""
+
+    cancel_safe = False  # encode/httpcore#1093: see pools.py
 
     def __init__(self, *, verify: bool, **kwargs: Any) -> None:
         super().__init__(verify=verify, **kwargs)

@@ -4,8 +4,17 @@ The gate holds one slot per connection the upstream may use (``max_connections``
 takes a slot before it reaches the transport and gives it back when its response is closed,
 so the transport's own pool never has waiters. That gives exact numbers for the pool
 snapshot (in use, waiting, wait time) and one cancellation-safe place for pool timeouts.
-httpcore also loses connections to cancellations inside a request or a close
-(encode/httpcore#1093): for that transport no cancellation is let through to it.
+
+**Pools that are not cancel-safe (httpcore, encode/httpcore#1093).** httpcore cleans up
+after a cancellation, and returns a connection to its pool on close, under anyio shields,
+which a plain asyncio cancellation (a client hanging up) goes straight through: the
+connection would stay checked out of its pool for good while the gate freed its slot. For a
+transport whose ``cancel_safe`` is False no cancellation is let through to it: each attempt
+runs in a task of its own that a cancelled caller cancels through an anyio cancel scope, the
+way httpcore expects, and the gate slot is returned once that task has ended
+(``GatedTransport._attempt``); a response body is closed in a task of its own too, and a
+cancellation is passed on only once that close finished (``_close_uncancellably``). This is
+the one place that explains it; the README (*Transport choice*) has the measurements.
 """
 
 from __future__ import annotations
@@ -15,14 +24,15 @@ import functools
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import anyio
 import httpx
 
 from ..config import UpstreamConfig
 from ..errors import StaleConnectionError
-from .aiohttp_pool import AiohttpTransport, attempt_of
+from .aiohttp_pool import AiohttpTransport
+from .attempt import PoolTransport, attempt_of
 from .client import UpstreamClient
 from .gate import Gate, GateTimeout
 from .httpcore_pool import HttpcoreTransport
@@ -71,13 +81,6 @@ class Body(httpx.AsyncByteStream):
         return self._chunks
 
 
-class _Inner(Protocol):
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response: ...
-    async def __aenter__(self) -> object: ...
-    async def aclose(self) -> None: ...
-    def idle_connections(self) -> int: ...
-
-
 class _GatedStream(httpx.AsyncByteStream):
     """The response body; closing it returns the gate slot, after the transport is done."""
 
@@ -102,13 +105,8 @@ class _GatedStream(httpx.AsyncByteStream):
 
 
 async def _close_uncancellably(stream: httpx.AsyncByteStream) -> None:
-    """Run ``stream.aclose()`` to its end even if this task is cancelled meanwhile.
-
-    httpcore returns a connection to its pool inside ``aclose()`` under an anyio shield,
-    which a plain asyncio cancellation (a client hanging up) goes through: the connection
-    would stay checked out of httpcore's pool for good while the gate freed its slot. So the
-    close runs in a task of its own, and a cancellation is passed on only once it finished.
-    """
+    """Run ``stream.aclose()`` to its end even if this task is cancelled meanwhile (for
+    pools that are not cancel-safe: see the module docstring)."""
     closing = asyncio.ensure_future(stream.aclose())
     cancelled: asyncio.CancelledError | None = None
     while not closing.done():
@@ -152,7 +150,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         name: str,
-        inner: _Inner,
+        inner: PoolTransport,
         *,
         max_connections: int,
         pool_timeout: float | None,
@@ -164,12 +162,9 @@ class GatedTransport(httpx.AsyncBaseTransport):
         self.inner = inner
         # Requests go through the wrapper (tracing: one client span per attempt); the bare
         # inner transport is kept for pool statistics and its lifecycle.
-        self._send: _Inner | httpx.AsyncBaseTransport = inner
-        if wrap is not None:
-            self._send = wrap(name, cast(httpx.AsyncBaseTransport, inner))
+        self._send: httpx.AsyncBaseTransport = inner if wrap is None else wrap(name, inner)
         self._gate = Gate(max_connections, max_waiting)
-        # Transports whose request or close path breaks when cancelled (httpcore).
-        self._fragile = not isinstance(inner, AiohttpTransport)
+        self._fragile = not inner.cancel_safe
         self._orphans: set[asyncio.Future[Any]] = set()
         self._pool_timeout = pool_timeout
         self._observer = observer
@@ -224,11 +219,8 @@ class GatedTransport(httpx.AsyncBaseTransport):
     async def _attempt(self, request: httpx.Request, lease: _Lease) -> httpx.Response:
         if not self._fragile:
             return await self._send.handle_async_request(request)
-        # httpcore cleans up after a cancellation under anyio shields, which a plain asyncio
-        # cancellation (a client hanging up) goes straight through: the connection would
-        # stay checked out of its pool for good (encode/httpcore#1093). So the attempt runs
-        # in a task of its own, and a cancelled caller cancels it through an anyio cancel
-        # scope, the way httpcore expects; the gate slot is returned once it has ended.
+        # Not cancel-safe (encode/httpcore#1093, see the module docstring): the attempt runs
+        # in a task of its own, cancelled through an anyio cancel scope.
         scope = anyio.CancelScope()
 
         async def run() -> httpx.Response | None:
@@ -290,7 +282,7 @@ class Upstream:
             max_keepalive_connections=config.pool.max_keepalive_connections,
             keepalive_expiry=config.pool.keepalive_expiry_seconds,
         )
-        inner: _Inner
+        inner: PoolTransport
         if config.transport == "aiohttp":
             inner = AiohttpTransport(limits=limits, verify=config.verify_tls)
         else:
