@@ -8,14 +8,14 @@ routes or middleware added to ``Relay.app`` (see ``server.app_hook``) come first
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
 from fastapi import FastAPI
 
 from .config import ConfigError, Settings
-from .exchange import Exchange, ExchangeObserver
+from .exchange import ExchangeObserver, Observers
 from .proxy import Proxy
 from .telemetry.logs import AccessLogObserver
 from .telemetry.metrics import Metrics
@@ -82,29 +82,6 @@ class Health:
         return True, "ready"
 
 
-class Observers:
-    """Fans exchange events out to every observer (access log, metrics, ...)."""
-
-    def __init__(self, observers: Sequence[ExchangeObserver]) -> None:
-        self._observers = tuple(observers)
-
-    def started(self, exchange: Exchange) -> None:
-        for observer in self._observers:
-            observer.started(exchange)
-
-    def headers(self, exchange: Exchange) -> None:
-        for observer in self._observers:
-            observer.headers(exchange)
-
-    def failing(self, exchange: Exchange) -> None:
-        for observer in self._observers:
-            observer.failing(exchange)
-
-    def finished(self, exchange: Exchange) -> None:
-        for observer in self._observers:
-            observer.finished(exchange)
-
-
 class Relay:
     """Everything one worker serves: the proxy app, the admin app and their shared state."""
 
@@ -112,7 +89,6 @@ class Relay:
         self,
         settings: Settings,
         *,
-        observers: Sequence[ExchangeObserver] = (),
         tracing: Tracing | None = None,
         slot: WorkerSlot | None = None,
     ) -> None:
@@ -130,7 +106,7 @@ class Relay:
         self.metrics.start_at_zero(
             settings.upstreams, [(route.upstream, route.label) for route in settings.routes]
         )
-        chain: list[ExchangeObserver] = [self.metrics, *observers]
+        chain: list[ExchangeObserver] = [self.metrics]
         if settings.log.access_log:
             chain.insert(0, AccessLogObserver())
         if tracing is not None:

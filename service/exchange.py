@@ -7,9 +7,9 @@ and phase, durations and byte counts they report are the same numbers.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
 
 from .errors import FAILURES, Reason
 
@@ -108,12 +108,45 @@ def bare_host(host: str | None) -> str | None:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-class ExchangeObserver(Protocol):
-    def started(self, exchange: Exchange) -> None: ...
-    def headers(self, exchange: Exchange) -> None: ...
-    # The proxy is about to answer with an error of its own (status and reason are set).
-    def failing(self, exchange: Exchange) -> None: ...
-    def finished(self, exchange: Exchange) -> None: ...
+class ExchangeObserver:
+    """Told of each exchange's events; each does nothing unless a subclass overrides it."""
+
+    def started(self, exchange: Exchange) -> None:
+        """The exchange began (its route and upstream are known)."""
+
+    def headers(self, exchange: Exchange) -> None:
+        """The upstream's response headers arrived."""
+
+    def failing(self, exchange: Exchange) -> None:
+        """The proxy is about to answer with an error of its own (status and reason set)."""
+
+    def finished(self, exchange: Exchange) -> None:
+        """The exchange ended, whichever way."""
+
+
+_EVENTS = ("started", "headers", "failing", "finished")
+
+
+def _each(hooks: tuple[Callable[[Exchange], None], ...]) -> Callable[[Exchange], None]:
+    def fan_out(exchange: Exchange) -> None:
+        for hook in hooks:
+            hook(exchange)
+
+    return fan_out
+
+
+class Observers(ExchangeObserver):
+    """Fans each event out to every observer (access log, metrics, spans) in order, calling
+    only the observers that override it."""
+
+    def __init__(self, observers: Sequence[ExchangeObserver]) -> None:
+        self.observers = tuple(observers)
+        for event in _EVENTS:
+            default = getattr(ExchangeObserver, event)
+            hooks = tuple(
+                getattr(o, event) for o in self.observers if getattr(type(o), event) is not default
+            )
+            setattr(self, event, _each(hooks))
 
 
 def report_refused(observer: ExchangeObserver, exchange: Exchange, reason: Reason) -> None:

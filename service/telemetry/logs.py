@@ -10,7 +10,7 @@ import time
 from typing import Any, TextIO
 
 from ..config import LogConfig
-from ..exchange import Exchange
+from ..exchange import Exchange, ExchangeObserver
 from .log_format import ACCESS_FIELDS, JsonLines, TextLines
 from .tracing import TraceContextFilter
 
@@ -209,16 +209,7 @@ def access_fields(exchange: Exchange) -> dict[str, Any]:
     }
 
 
-class AccessLogObserver:
-    def started(self, exchange: Exchange) -> None:
-        pass
-
-    def headers(self, exchange: Exchange) -> None:
-        pass
-
-    def failing(self, exchange: Exchange) -> None:
-        pass
-
+class AccessLogObserver(ExchangeObserver):
     def finished(self, exchange: Exchange) -> None:
         if access_log.isEnabledFor(logging.INFO):
             fields = access_fields(exchange)

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from .. import __version__
 from ..errors import CLIENT_REASONS, Reason
-from ..exchange import Exchange, Phase, Side
+from ..exchange import Exchange, ExchangeObserver, Phase, Side
 from ..upstreams.pools import PoolSnapshot
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
@@ -125,7 +125,7 @@ class Children(Generic[M]):
         return child
 
 
-class Metrics:
+class Metrics(ExchangeObserver):
     """All metric objects of one process, plus the exposition of the admin ``/metrics``."""
 
     def __init__(
@@ -302,9 +302,6 @@ class Metrics:
             self._headers_latency(exchange.upstream, exchange.route or NO_UPSTREAM).observe(
                 exchange.headers_seconds, exemplar=self._exemplar_now()
             )
-
-    def failing(self, exchange: Exchange) -> None:
-        pass
 
     def finished(self, exchange: Exchange) -> None:
         upstream = exchange.upstream or NO_UPSTREAM

@@ -43,7 +43,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from ..config import TracingConfig
 from ..errors import FAILURES
-from ..exchange import Exchange, Side
+from ..exchange import Exchange, ExchangeObserver, Side
 from .native_spans import ClientSpans, ServerSpans
 
 log = logging.getLogger("relay.tracing")
@@ -191,7 +191,7 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
-class TracingObserver:
+class TracingObserver(ExchangeObserver):
     """Names the server span after the route and records the exchange's outcome on it.
 
     The server span is the current span while the proxy handles the exchange. It ends when
@@ -211,9 +211,6 @@ class TracingObserver:
             span.set_attribute("relay.route", exchange.route)
         if exchange.upstream is not None:
             span.set_attribute(UPSTREAM_ATTRIBUTE, exchange.upstream)
-
-    def headers(self, exchange: Exchange) -> None:
-        pass
 
     def failing(self, exchange: Exchange) -> None:
         self._record(exchange)
