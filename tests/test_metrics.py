@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,3 +283,42 @@ async def test_counters_start_at_zero_for_every_configured_upstream_and_route() 
         assert series("relay_requests_failed_total", upstream=upstream, route=route) == 0
         assert series("relay_responses_truncated_total", upstream=upstream, route=route) == 0
     assert not [key for key in got if key[0] == "relay_requests_total"]
+
+
+POOL_EXPOSITION = """
+import sys
+from service.upstreams.pools import PoolSnapshot
+if sys.argv[1] == "multi":
+    from service.telemetry.multiproc import use_files_of
+    use_files_of("w0")
+from service.telemetry.metrics import Metrics
+snaps = [PoolSnapshot("a", 3, 2, 10, 1), PoolSnapshot("b", 0, 5, 7, 0)]
+metrics = Metrics(lambda: snaps)
+metrics.sample_pools()  # the multiprocess sampler; nothing in one process
+body, _ = metrics.render(None)
+sys.stdout.write(body.decode())
+"""
+
+
+def test_pool_gauges_are_the_same_with_one_process_and_with_several(tmp_path: Any) -> None:
+    """One definition of the pool gauges: read at scrape time in one process, sampled into
+    live gauges with several; the scrape answers the same either way."""
+
+    def pool_lines(mode: str, env: dict[str, str]) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", POOL_EXPOSITION, mode],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        gauges = ("relay_pool_connections", "relay_pool_max_", "relay_pool_waiting_")
+        return [line for line in result.stdout.splitlines() if any(g in line for g in gauges)]
+
+    single = pool_lines("single", {"PROMETHEUS_MULTIPROC_DIR": ""})
+    several = pool_lines("multi", {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert 'relay_pool_connections{state="in_use",upstream="a"} 3.0' in single
+    assert 'relay_pool_waiting_requests{upstream="a"} 1.0' in single
+    assert len(single) == 6 + 8  # HELP and TYPE of three families, eight samples
+    assert sorted(several) == sorted(single)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, Literal, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -39,6 +39,8 @@ from .pod import PodTable
 
 PREFIX = "relay"
 NO_UPSTREAM = "-"  # label value for requests that matched no route
+UPSTREAM = ["upstream"]
+UPSTREAM_ROUTE = ["upstream", "route"]
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -51,6 +53,7 @@ POOL_WAIT_BUCKETS = (
 )  # fmt: skip
 
 ExemplarSource = Callable[[], dict[str, str] | None]
+GaugeMode = Literal["livesum", "max"]
 
 
 def multiprocess_dir() -> str | None:
@@ -61,6 +64,29 @@ def fold_method(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
 
 
+# Name (after the prefix), help and labels of each pool gauge: one definition for both
+# modes (read at scrape time with one process, sampled into live gauges with several).
+_POOL_GAUGES: dict[str, tuple[str, list[str]]] = {
+    "pool_connections": (
+        "Upstream pool connections by state (in_use includes ones being opened).",
+        ["upstream", "state"],
+    ),
+    "pool_max_connections": ("Configured maximum connections of the upstream pool.", UPSTREAM),
+    "pool_waiting_requests": ("Requests waiting for a free upstream connection.", UPSTREAM),
+}
+
+PoolSample = tuple[str, tuple[str, ...], float]
+
+
+def pool_samples(snapshots: Iterable[PoolSnapshot]) -> Iterator[PoolSample]:
+    """(gauge, label values, value) of every pool gauge, from the pool gates' snapshots."""
+    for snap in snapshots:
+        yield "pool_connections", (snap.upstream, "in_use"), snap.in_use
+        yield "pool_connections", (snap.upstream, "idle"), snap.idle
+        yield "pool_max_connections", (snap.upstream,), snap.max
+        yield "pool_waiting_requests", (snap.upstream,), snap.waiting
+
+
 class _PoolCollector(Collector):
     """Reads the pool gates at scrape time (single-process mode)."""
 
@@ -68,37 +94,20 @@ class _PoolCollector(Collector):
         self._snapshots = snapshots
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        connections, max_conns, waiting = _pool_families()
-        for snap in self._snapshots():
-            connections.add_metric([snap.upstream, "in_use"], snap.in_use)
-            connections.add_metric([snap.upstream, "idle"], snap.idle)
-            max_conns.add_metric([snap.upstream], snap.max)
-            waiting.add_metric([snap.upstream], snap.waiting)
-        yield from (connections, max_conns, waiting)
+        families = _pool_families()
+        for name, labels, value in pool_samples(self._snapshots()):
+            families[name].add_metric(labels, value)
+        yield from families.values()
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield from _pool_families()
+        yield from _pool_families().values()
 
 
-_POOL_HELP = {
-    "connections": "Upstream pool connections by state (in_use includes ones being opened).",
-    "max_connections": "Configured maximum connections of the upstream pool.",
-    "waiting_requests": "Requests waiting for a free upstream connection.",
-}
-
-
-def _pool_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
-    return (
-        GaugeMetricFamily(
-            f"{PREFIX}_pool_connections", _POOL_HELP["connections"], labels=["upstream", "state"]
-        ),
-        GaugeMetricFamily(
-            f"{PREFIX}_pool_max_connections", _POOL_HELP["max_connections"], labels=["upstream"]
-        ),
-        GaugeMetricFamily(
-            f"{PREFIX}_pool_waiting_requests", _POOL_HELP["waiting_requests"], labels=["upstream"]
-        ),
-    )
+def _pool_families() -> dict[str, GaugeMetricFamily]:
+    return {
+        name: GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=labels)
+        for name, (help_text, labels) in _POOL_GAUGES.items()
+    }
 
 
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -139,100 +148,137 @@ class Metrics(ExchangeObserver):
         self.multiprocess = multiprocess_dir() is not None
         self.registry = CollectorRegistry(auto_describe=True)
         self._exemplar = exemplar
-        reg = self.registry
-        up = ["upstream"]
-        self.requests = Counter(
-            f"{PREFIX}_requests", "Proxied requests, by upstream, route, method and status code.",
-            ["upstream", "route", "method", "code"], registry=reg,
-        )  # fmt: skip
-        self.duration = Histogram(
-            f"{PREFIX}_request_duration_seconds",
+        self._snapshots = snapshots
+        # Defined in the order of the exposition.
+        self._define_traffic()
+        self._define_upstream_failures()
+        self._define_pool_waits()
+        self._define_body_bytes()
+        self._define_sli()
+        self._define_build_info()
+        self._define_pool_gauges()
+        self._register_process_metrics(pod)
+
+    # -- families --------------------------------------------------------------------------
+    def _counter(self, name: str, documentation: str, labels: list[str]) -> Counter:
+        return Counter(f"{PREFIX}_{name}", documentation, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, documentation: str, labels: list[str], buckets: Sequence[float]
+    ) -> Histogram:
+        return Histogram(
+            f"{PREFIX}_{name}", documentation, labels, buckets=buckets, registry=self.registry
+        )
+
+    def _gauge(self, name: str, documentation: str, labels: list[str], mode: GaugeMode) -> Gauge:
+        # ``mode``: how a scrape merges the workers' values in multiprocess mode.
+        return Gauge(
+            f"{PREFIX}_{name}",
+            documentation,
+            labels,
+            registry=self.registry,
+            multiprocess_mode=mode,
+        )
+
+    def _define_traffic(self) -> None:
+        self.requests = self._counter(
+            "requests",
+            "Proxied requests, by upstream, route, method and status code.",
+            ["upstream", "route", "method", "code"],
+        )
+        self.duration = self._histogram(
+            "request_duration_seconds",
             "Time from request start to the last response byte sent (includes the streamed body).",
-            ["upstream", "route"], buckets=LATENCY_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.headers_latency = Histogram(
-            f"{PREFIX}_upstream_response_headers_seconds",
+            UPSTREAM_ROUTE,
+            LATENCY_BUCKETS,
+        )
+        self.headers_latency = self._histogram(
+            "upstream_response_headers_seconds",
             "Time from request start until the upstream's response headers arrived.",
-            ["upstream", "route"], buckets=LATENCY_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.in_flight = Gauge(
-            f"{PREFIX}_requests_in_flight", "Requests being proxied right now.", up,
-            registry=reg, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.disconnects = Counter(
-            f"{PREFIX}_disconnects",
-            "Connections lost mid-exchange, by side (client|upstream) and phase "
-            "(before_headers|body).",
-            ["upstream", "side", "phase"], registry=reg,
-        )  # fmt: skip
-        self.errors = Counter(
-            f"{PREFIX}_upstream_errors", "Upstream failures, by bounded reason.",
-            ["upstream", "reason"], registry=reg,
-        )  # fmt: skip
-        self.retries = Counter(
-            f"{PREFIX}_upstream_retries",
-            "Requests retried after a reused keep-alive connection was closed by the upstream.",
-            up, registry=reg,
-        )  # fmt: skip
-        self.pool_wait_seconds = Histogram(
-            f"{PREFIX}_pool_wait_seconds", "Time requests waited for a free upstream connection.",
-            up, buckets=POOL_WAIT_BUCKETS, registry=reg,
-        )  # fmt: skip
-        self.pool_timeouts = Counter(
-            f"{PREFIX}_pool_timeouts",
-            "Requests refused (503) for want of an upstream connection: none free within the "
-            "pool timeout, or the wait queue full.",
-            up, registry=reg,
-        )  # fmt: skip
-        self.request_bytes = Counter(
-            f"{PREFIX}_request_body_bytes", "Request body bytes forwarded upstream.", up,
-            registry=reg,
-        )  # fmt: skip
-        self.response_bytes = Counter(
-            f"{PREFIX}_response_body_bytes", "Response body bytes sent to clients.", up,
-            registry=reg,
-        )  # fmt: skip
-        self.failed = Counter(
-            f"{PREFIX}_requests_failed",
-            "Requests that failed the availability SLI, each once: answered with a 5xx, or a "
-            "response cut short after its status was sent (not by the client).",
-            ["upstream", "route"], registry=reg,
-        )  # fmt: skip
-        self.truncated = Counter(
-            f"{PREFIX}_responses_truncated",
-            "Responses whose body was cut short by the upstream or the proxy after a non-5xx "
-            "status was sent (client hang-ups not included).",
-            ["upstream", "route"], registry=reg,
-        )  # fmt: skip
-        self.build_info = Gauge(
-            f"{PREFIX}_build_info", "Build information; the value is always 1.",
-            ["version", "python_version"], registry=reg, multiprocess_mode="max",
-        )  # fmt: skip
-        self.build_info.labels(__version__, platform.python_version()).set(1)
+            UPSTREAM_ROUTE,
+            LATENCY_BUCKETS,
+        )
+        self.in_flight = self._gauge(
+            "requests_in_flight", "Requests being proxied right now.", UPSTREAM, "livesum"
+        )
         self._requests = Children(self.requests)
         self._duration = Children(self.duration)
         self._headers_latency = Children(self.headers_latency)
         self._in_flight = Children(self.in_flight)
+
+    def _define_upstream_failures(self) -> None:
+        self.disconnects = self._counter(
+            "disconnects",
+            "Connections lost mid-exchange, by side (client|upstream) and phase "
+            "(before_headers|body).",
+            ["upstream", "side", "phase"],
+        )
+        self.errors = self._counter(
+            "upstream_errors", "Upstream failures, by bounded reason.", ["upstream", "reason"]
+        )
+        self.retries = self._counter(
+            "upstream_retries",
+            "Requests retried after a reused keep-alive connection was closed by the upstream.",
+            UPSTREAM,
+        )
+
+    def _define_pool_waits(self) -> None:
+        self.pool_wait_seconds = self._histogram(
+            "pool_wait_seconds",
+            "Time requests waited for a free upstream connection.",
+            UPSTREAM,
+            POOL_WAIT_BUCKETS,
+        )
+        self.pool_timeouts = self._counter(
+            "pool_timeouts",
+            "Requests refused (503) for want of an upstream connection: none free within the "
+            "pool timeout, or the wait queue full.",
+            UPSTREAM,
+        )
         self._pool_wait = Children(self.pool_wait_seconds)
+
+    def _define_body_bytes(self) -> None:
+        self.request_bytes = self._counter(
+            "request_body_bytes", "Request body bytes forwarded upstream.", UPSTREAM
+        )
+        self.response_bytes = self._counter(
+            "response_body_bytes", "Response body bytes sent to clients.", UPSTREAM
+        )
         self._request_bytes = Children(self.request_bytes)
         self._response_bytes = Children(self.response_bytes)
-        self._snapshots = snapshots
-        if self.multiprocess:
-            self._pool_connections = Gauge(
-                f"{PREFIX}_pool_connections", _POOL_HELP["connections"], ["upstream", "state"],
-                registry=reg, multiprocess_mode="livesum",
-            )  # fmt: skip
-            self._pool_max = Gauge(
-                f"{PREFIX}_pool_max_connections", _POOL_HELP["max_connections"], up,
-                registry=reg, multiprocess_mode="livesum",
-            )  # fmt: skip
-            self._pool_waiting = Gauge(
-                f"{PREFIX}_pool_waiting_requests", _POOL_HELP["waiting_requests"], up,
-                registry=reg, multiprocess_mode="livesum",
-            )  # fmt: skip
-        else:
-            reg.register(_PoolCollector(lambda: self._snapshots()))
-        self._register_process_metrics(pod)
+
+    def _define_sli(self) -> None:
+        self.failed = self._counter(
+            "requests_failed",
+            "Requests that failed the availability SLI, each once: answered with a 5xx, or a "
+            "response cut short after its status was sent (not by the client).",
+            UPSTREAM_ROUTE,
+        )
+        self.truncated = self._counter(
+            "responses_truncated",
+            "Responses whose body was cut short by the upstream or the proxy after a non-5xx "
+            "status was sent (client hang-ups not included).",
+            UPSTREAM_ROUTE,
+        )
+
+    def _define_build_info(self) -> None:
+        self.build_info = self._gauge(
+            "build_info",
+            "Build information; the value is always 1.",
+            ["version", "python_version"],
+            "max",
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+
+    def _define_pool_gauges(self) -> None:
+        """Read at scrape time in one process; with several, each worker's sampler sets live
+        gauges that the scrape sums."""
+        self._pool_gauges: dict[str, Gauge] = {}
+        if not self.multiprocess:
+            self.registry.register(_PoolCollector(lambda: self._snapshots()))
+            return
+        for name, (help_text, labels) in _POOL_GAUGES.items():
+            self._pool_gauges[name] = self._gauge(name, help_text, labels, "livesum")
 
     def _register_process_metrics(self, pod: PodTable | None) -> None:
         """process_* (CPU, memory, fds, start time), python_info and the worker restarts:
@@ -279,18 +325,15 @@ class Metrics(ExchangeObserver):
     def pool_timeout(self, upstream: str) -> None:
         self.pool_timeouts.labels(upstream).inc()
 
-    def retry(self, upstream: str, method: str) -> None:
+    def retry(self, upstream: str) -> None:
         self.retries.labels(upstream).inc()
 
     def sample_pools(self) -> None:
         """Copy pool snapshots into live gauges (multiprocess mode's periodic sampler)."""
         if not self.multiprocess:
             return
-        for snap in self._snapshots():
-            self._pool_connections.labels(snap.upstream, "in_use").set(snap.in_use)
-            self._pool_connections.labels(snap.upstream, "idle").set(snap.idle)
-            self._pool_max.labels(snap.upstream).set(snap.max)
-            self._pool_waiting.labels(snap.upstream).set(snap.waiting)
+        for name, labels, value in pool_samples(self._snapshots()):
+            self._pool_gauges[name].labels(*labels).set(value)
 
     # -- exchange observer (called by the proxy) ------------------------------------------
     def started(self, exchange: Exchange) -> None:

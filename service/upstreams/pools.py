@@ -44,7 +44,8 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 class PoolObserver(Protocol):
     def pool_wait(self, upstream: str, seconds: float) -> None: ...
     def pool_timeout(self, upstream: str) -> None: ...
-    def retry(self, upstream: str, method: str) -> None: ...
+    # A stale keep-alive retry (counted by upstream: any method retried is idempotent).
+    def retry(self, upstream: str) -> None: ...
 
 
 class _NullObserver:
@@ -54,7 +55,7 @@ class _NullObserver:
     def pool_timeout(self, upstream: str) -> None:
         pass
 
-    def retry(self, upstream: str, method: str) -> None:
+    def retry(self, upstream: str) -> None:
         pass
 
 
@@ -211,7 +212,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
             replayable = request.stream is NO_BODY
             if request.method not in IDEMPOTENT_METHODS or not replayable:
                 raise
-            self._observer.retry(self.name, request.method)
+            self._observer.retry(self.name)
             info = attempt_of(request)
             info.fresh, info.reused = True, False
             return await self._attempt(request, lease)
