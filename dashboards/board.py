@@ -50,21 +50,21 @@ from grafana_foundation_sdk.models.dashboard import (
 from grafana_foundation_sdk.models.heatmap import HeatmapColorMode
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 DEPLOYMENT = 'cluster=~"$cluster", namespace=~"$namespace"'
 # Relay's own series, and the per-upstream ones.
-SEL = f'{DEPLOYMENT}, job=~"$job", instance=~"$instance"'
-SELU = SEL + ', upstream=~"$upstream"'
+RELAY_SELECTOR = f'{DEPLOYMENT}, job=~"$job", instance=~"$instance"'
+UPSTREAM_SELECTOR = RELAY_SELECTOR + ', upstream=~"$upstream"'
 # Series recorded by the SLO rules: per cluster, namespace and upstream, no job or instance.
 SLO = f'{DEPLOYMENT}, upstream=~"$upstream"'
-RI = "$__rate_interval"
+RATE_INTERVAL = "$__rate_interval"
 LEVEL = "cluster_namespace_upstream"  # the SLO recording rules' level
 RUNBOOKS = "https://github.com/relay-proxy/relay/blob/main/docs/runbooks.md"
 TAG = "relay"
 
 
 @dataclass(frozen=True)
-class Q:
+class Query:
     expr: str
     legend: str = ""
     instant: bool = False
@@ -72,9 +72,9 @@ class Q:
 
 
 @dataclass(frozen=True)
-class P:
+class Panel:
     title: str
-    queries: Sequence[Q]
+    queries: Sequence[Query]
     unit: str = "short"
     description: str = ""
     kind: str = "timeseries"  # timeseries | stat | gauge | table | heatmap
@@ -103,10 +103,11 @@ def board_link(uid: str, title: str) -> tuple[str, str]:
     return (title, f"/d/{uid}?${{__url_time_range}}&${{__all_variables}}")
 
 
-def quantiles(metric: str, by: str = "upstream") -> list[Q]:
+def quantiles(metric: str, by: str = "upstream") -> list[Query]:
     return [
-        Q(
-            f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{SELU}}}[{RI}])))",
+        Query(
+            f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}])))",
             f"p{int(q * 100)} {{{{{by}}}}}",
         )
         for q in (0.5, 0.95, 0.99)
@@ -118,7 +119,7 @@ def variables() -> list[Any]:
         variable = (
             dashboard.QueryVariable(name)
             .label(label)
-            .datasource(DS)
+            .datasource(DATASOURCE)
             .query(query)
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
             .sort(VariableSort.ALPHABETICAL_ASC)
@@ -147,7 +148,9 @@ def variables() -> list[Any]:
             f'label_values({build_info}{{{DEPLOYMENT}, job=~"$job"}}, instance)', one=False,
         ),
         query_var(
-            "upstream", "Upstream", f"label_values(relay_requests_total{{{SEL}}}, upstream)",
+            "upstream",
+            "Upstream",
+            f"label_values(relay_requests_total{{{RELAY_SELECTOR}}}, upstream)",
             one=False,
         ),
     ]  # fmt: skip
@@ -176,7 +179,7 @@ def legend() -> common_builders.VizLegendOptions:
     )
 
 
-def visualization(panel: P) -> Any:
+def visualization(panel: Panel) -> Any:
     if panel.kind == "stat":
         return (
             stat.Panel()
@@ -221,13 +224,13 @@ def visualization(panel: P) -> Any:
     return builder
 
 
-def build_panel(panel: P, panel_id: int, x: int, y: int) -> Any:
+def build_panel(panel: Panel, panel_id: int, x: int, y: int) -> Any:
     builder = (
         visualization(panel)
         .id(panel_id)
         .title(panel.title)
         .description(panel.description)
-        .datasource(DS)
+        .datasource(DATASOURCE)
         .unit(panel.unit)
         .grid_pos(GridPos(h=panel.height, w=panel.width, x=x, y=y))
     )
@@ -268,13 +271,13 @@ def build_panel(panel: P, panel_id: int, x: int, y: int) -> Any:
 def annotations() -> list[dashboard.AnnotationQuery]:
     """Deploys (a Relay version that was not running 10 minutes before) and, off by default,
     pod starts. The query sits in ``target``, where Grafana keeps Prometheus annotations."""
-    build_info = f"relay_build_info{{{SEL}}}"
+    build_info = f"relay_build_info{{{RELAY_SELECTOR}}}"
 
     def annotation(name: str, expr: str, colour: str, enabled: bool) -> Any:
         return (
             dashboard.AnnotationQuery()
             .name(name)
-            .datasource(DS)
+            .datasource(DATASOURCE)
             .enable(enabled)
             .icon_color(colour)
             .target(prometheus.Dataquery().ref_id("Anno").expr(expr).interval("1m"))
@@ -315,7 +318,7 @@ def links() -> list[dashboard.DashboardLink]:
 
 
 def build_dashboard(
-    uid: str, title: str, description: str, panels: Sequence[P], time_from: str = "now-1h"
+    uid: str, title: str, description: str, panels: Sequence[Panel], time_from: str = "now-1h"
 ) -> dict[str, Any]:
     board = (
         dashboard.Dashboard(title)

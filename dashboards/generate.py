@@ -33,12 +33,12 @@ sys.path.insert(0, str(HERE))  # board.py sits next to this script
 
 from board import (  # noqa: E402
     LEVEL,
-    RI,
-    SEL,
-    SELU,
+    RATE_INTERVAL,
+    RELAY_SELECTOR,
     SLO,
-    P,
-    Q,
+    UPSTREAM_SELECTOR,
+    Panel,
+    Query,
     board_link,
     build_dashboard,
     quantiles,
@@ -91,23 +91,24 @@ def le(threshold: float) -> str:
 
 def errors_by_route() -> str:
     """The availability SLI per upstream and route (the recording rules keep upstreams only)."""
-    valid = f'relay_requests_total{{{SELU}, code!="499"}}[{RI}]'
-    bad = f"rate(relay_requests_failed_total{{{SELU}}}[{RI}])"
+    valid = f'relay_requests_total{{{UPSTREAM_SELECTOR}, code!="499"}}[{RATE_INTERVAL}]'
+    bad = f"rate(relay_requests_failed_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}])"
     return f"sum by (upstream, route) ({bad}) / sum by (upstream, route) (rate({valid}))"
 
 
 def overview() -> dict[str, Any]:
     o = objectives()
     budget = o.errors_budget
-    rate = f"sum by (upstream) (rate(relay_requests_total{{{SELU}}}[{RI}]))"
-    in_use = f'sum by (upstream) (relay_pool_connections{{{SELU}, state="in_use"}})'
-    pool_max = f"sum by (upstream) (relay_pool_max_connections{{{SELU}}})"
+    rate = f"sum by (upstream) (rate(relay_requests_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))"
+    in_use = f'sum by (upstream) (relay_pool_connections{{{UPSTREAM_SELECTOR}, state="in_use"}})'
+    pool_max = f"sum by (upstream) (relay_pool_max_connections{{{UPSTREAM_SELECTOR}}})"
     per_route = "sum by (le, upstream, route) (rate(relay_request_duration_seconds_bucket"
     panels = [
-        P("Requests per second", [Q(f"sum(rate(relay_requests_total{{{SELU}}}[{RI}]))")],
+        Panel("Requests per second", [Query(
+            f"sum(rate(relay_requests_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))")],
           "reqps", "Every request Relay answered, routed or not.", kind="stat", width=6,
           height=4, thresholds=[(None, "blue")]),
-        P("Error ratio (availability SLI)", [Q(
+        Panel("Error ratio (availability SLI)", [Query(
             f"sum({LEVEL}:relay_requests_errors:rate5m{{{SLO}}})"
             f" / sum({LEVEL}:relay_requests_valid:rate5m{{{SLO}}})")], "percentunit",
           f"The availability SLI over 5m for the selected upstreams: 5xx and responses cut "
@@ -116,47 +117,52 @@ def overview() -> dict[str, Any]:
           kind="stat", width=6, height=4, decimals=2,
           thresholds=[(None, "green"), (budget, "orange"), (o.page_factor * budget, "red")],
           links=[runbook("RelayErrorBudgetFastBurn")]),
-        P("Latency p99", [Q(
+        Panel("Latency p99", [Query(
             f"histogram_quantile(0.99, sum by (le) "
-            f"(rate(relay_request_duration_seconds_bucket{{{SELU}}}[{RI}])))")], "s",
+            f"(rate(relay_request_duration_seconds_bucket"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}])))")], "s",
           f"Whole exchange, streamed body included. Red at the latency SLO's threshold "
           f"({o.threshold:g}s).", kind="stat", width=6, height=4,
           thresholds=[(None, "green"), (o.threshold / 2, "orange"), (o.threshold, "red")],
           links=[runbook("RelayLatencyBudgetFastBurn")]),
-        P("Pool saturation", [Q(f"max({in_use} / {pool_max})")], "percentunit",
+        Panel("Pool saturation", [Query(f"max({in_use} / {pool_max})")], "percentunit",
           f"The most used upstream pool: connections in use over max_connections. Red at "
           f"RelayPoolSaturated's {o.pool_utilization:.0%}.", kind="stat", width=6, height=4,
           thresholds=[(None, "green"), (0.7, "orange"), (o.pool_utilization, "red")],
           links=[board_link("relay-pools", "Relay / Upstream pools")]),
-        P("Requests per second by upstream", [Q(rate, "{{upstream}}")], "reqps",
+        Panel("Requests per second by upstream", [Query(rate, "{{upstream}}")], "reqps",
           "Proxied requests per upstream (relay_requests_total); upstream \"-\" matched no "
           "route."),
-        P("Error ratio", [Q(f"{LEVEL}:relay_requests_errors:ratio_rate5m{{{SLO}}}",
+        Panel("Error ratio", [Query(f"{LEVEL}:relay_requests_errors:ratio_rate5m{{{SLO}}}",
                             "{{upstream}}")], "percentunit",
           "The availability SLI per upstream: its recording rule, as the burn-rate alerts read "
           "it (5xx and responses cut short, over every routed request but 499s).",
           thresholds=[(None, "transparent"), (budget, "orange"), (o.page_factor * budget, "red")],
           threshold_lines=True, links=[runbook("RelayErrorBudgetFastBurn")]),
-        P("Latency, whole exchange", quantiles("relay_request_duration_seconds"), "s",
+        Panel("Latency, whole exchange", quantiles("relay_request_duration_seconds"), "s",
           "Request start to last body byte. Exemplars link to traces.", exemplars=True),
-        P("Time to upstream headers", quantiles("relay_upstream_response_headers_seconds"), "s",
+        Panel("Time to upstream headers", quantiles("relay_upstream_response_headers_seconds"), "s",
           "Request start to upstream response headers. Exemplars link to traces.",
           exemplars=True),
-        P("Latency distribution", [Q(
-            f"sum by (le) (rate(relay_request_duration_seconds_bucket{{{SELU}}}[{RI}]))",
+        Panel("Latency distribution", [Query(
+            f"sum by (le) (rate(relay_request_duration_seconds_bucket"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{le}}", format="heatmap")], "s",
           "Requests per latency bucket over time, whole exchange. Exemplars (dots) link to "
           "traces.", kind="heatmap", exemplars=True),
-        P("Responses by status code",
-          [Q(f"sum by (code) (rate(relay_requests_total{{{SELU}}}[{RI}]))", "{{code}}")],
+        Panel("Responses by status code",
+          [Query(f"sum by (code) (rate(relay_requests_total"
+                 f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))", "{{code}}")],
           "reqps", "499: the client hung up before the response headers."),
-        P("Upstreams and routes", [
-            Q(f"sum by (upstream, route) (rate(relay_requests_total{{{SELU}}}[{RI}]))",
+        Panel("Upstreams and routes", [
+            Query(f"sum by (upstream, route) "
+                  f"(rate(relay_requests_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
               instant=True, format="table"),
-            Q(errors_by_route(), instant=True, format="table"),
-            Q(f"histogram_quantile(0.5, {per_route}{{{SELU}}}[{RI}])))",
+            Query(errors_by_route(), instant=True, format="table"),
+            Query(f"histogram_quantile(0.5, {per_route}{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}])))",
               instant=True, format="table"),
-            Q(f"histogram_quantile(0.99, {per_route}{{{SELU}}}[{RI}])))",
+            Query(f"histogram_quantile(0.99, "
+                  f"{per_route}{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}])))",
               instant=True, format="table"),
         ], "short", "Each route with its upstream: traffic, error ratio (as the SLI counts it) "
           "and latency, over the last rate interval.", kind="table", width=24,
@@ -172,13 +178,14 @@ def overview() -> dict[str, Any]:
           ],
           overrides=[("req/s", {"unit": "reqps"}), ("error ratio", {"unit": "percentunit"}),
                      ("p50", {"unit": "s"}), ("p99", {"unit": "s"})]),
-        P("In-flight requests",
-          [Q(f"sum by (upstream) (relay_requests_in_flight{{{SELU}}})", "{{upstream}}")],
+        Panel("In-flight requests",
+          [Query(f"sum by (upstream) (relay_requests_in_flight"
+                 f"{{{UPSTREAM_SELECTOR}}})", "{{upstream}}")],
           "short", "Exchanges in progress.", width=8),
-        P("Error budget burn rate (1h)", [
-            Q(f"{LEVEL}:relay_requests_errors:ratio_rate1h{{{SLO}}} / {budget:g}",
+        Panel("Error budget burn rate (1h)", [
+            Query(f"{LEVEL}:relay_requests_errors:ratio_rate1h{{{SLO}}} / {budget:g}",
               "errors {{upstream}}"),
-            Q(f"{LEVEL}:relay_requests_slow:ratio_rate1h{{{SLO}}} / {o.latency_budget:g}",
+            Query(f"{LEVEL}:relay_requests_slow:ratio_rate1h{{{SLO}}} / {o.latency_budget:g}",
               f"slower than {o.threshold:g}s {{{{upstream}}}}"),
         ], "short",
           f"How fast each SLO's budget burns: 1 = exactly on budget. Availability target "
@@ -186,10 +193,12 @@ def overview() -> dict[str, Any]:
           f"{o.threshold:g}s. Pages at {o.page_factor:g} (1h and 5m).", width=8,
           thresholds=[(None, "transparent"), (1, "orange"), (o.page_factor, "red")],
           threshold_lines=True, links=[board_link("relay-slo", "Relay / SLO")]),
-        P("Slow requests (over the latency SLO threshold)", [Q(
-            f"sum by (upstream) (rate(relay_request_duration_seconds_count{{{SELU}}}[{RI}]))"
-            f" - sum by (upstream) (rate(relay_request_duration_seconds_bucket{{{SELU}, "
-            f"{le(o.threshold)}}}[{RI}]))", "{{upstream}}")], "reqps",
+        Panel("Slow requests (over the latency SLO threshold)", [Query(
+            f"sum by (upstream) (rate(relay_request_duration_seconds_count"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))"
+            f" - sum by (upstream) "
+            f"(rate(relay_request_duration_seconds_bucket{{{UPSTREAM_SELECTOR}, "
+            f"{le(o.threshold)}}}[{RATE_INTERVAL}]))", "{{upstream}}")], "reqps",
           f"Requests per second that took longer than {o.threshold:g}s.", width=8),
     ]  # fmt: skip
     return build_dashboard(
@@ -202,10 +211,10 @@ def slo() -> dict[str, Any]:
     o = objectives()
     period = f"{o.period_days}d"
 
-    def sli(metric: str, target: float, kind: str) -> P:
-        return P(
+    def sli(metric: str, target: float, kind: str) -> Panel:
+        return Panel(
             f"{kind} SLI, {o.period_days} days",
-            [Q(f"1 - {LEVEL}:{metric}:ratio_rate{period}{{{SLO}}}", "{{upstream}}")],
+            [Query(f"1 - {LEVEL}:{metric}:ratio_rate{period}{{{SLO}}}", "{{upstream}}")],
             "percentunit",
             f"Good requests over the last {o.period_days} days, per "
             f"upstream, against the {target:.4g} objective (red below it).",
@@ -216,10 +225,11 @@ def slo() -> dict[str, Any]:
             thresholds=[(None, "red"), (target, "green")],
         )
 
-    def remaining(metric: str, budget: float, kind: str) -> P:
-        return P(
+    def remaining(metric: str, budget: float, kind: str) -> Panel:
+        return Panel(
             f"{kind} error budget remaining",
-            [Q(f"1 - {LEVEL}:{metric}:ratio_rate{period}{{{SLO}}} / {budget:g}", "{{upstream}}")],
+            [Query(f"1 - {LEVEL}:{metric}:ratio_rate{period}{{{SLO}}} / "
+                   f"{budget:g}", "{{upstream}}")],
             "percentunit",
             f"Share of the {o.period_days}-day budget ({budget:.2g} of requests) not yet "
             "spent; below 0 the SLO is missed.",
@@ -232,11 +242,12 @@ def slo() -> dict[str, Any]:
 
     factors = ", ".join(f"{f:g}" for f in o.burn_factors)
 
-    def burn(metric: str, budget: float, kind: str, alert: str) -> P:
-        return P(
+    def burn(metric: str, budget: float, kind: str, alert: str) -> Panel:
+        return Panel(
             f"{kind} burn rate per window",
             [
-                Q(f"{LEVEL}:{metric}:ratio_rate{w}{{{SLO}}} / {budget:g}", f"{{{{upstream}}}} {w}")
+                Query(f"{LEVEL}:{metric}:ratio_rate{w}{{{SLO}}} / "
+                      f"{budget:g}", f"{{{{upstream}}}} {w}")
                 for w in o.windows
             ],
             "short",
@@ -250,10 +261,10 @@ def slo() -> dict[str, Any]:
             links=[runbook(alert)],
         )
 
-    def over_time(metric: str, target: float, kind: str) -> P:
-        return P(
+    def over_time(metric: str, target: float, kind: str) -> Panel:
+        return Panel(
             f"{kind} SLI (1h) against the objective",
-            [Q(f"1 - {LEVEL}:{metric}:ratio_rate1h{{{SLO}}}", "{{upstream}}")],
+            [Query(f"1 - {LEVEL}:{metric}:ratio_rate1h{{{SLO}}}", "{{upstream}}")],
             "percentunit",
             f"Good requests per hour; the line is the {target:.4g} objective.",
             thresholds=[(None, "red"), (target, "transparent")],
@@ -284,31 +295,33 @@ def pools() -> dict[str, Any]:
 
     def pool(metric: str, state: str = "") -> str:
         extra = f', state="{state}"' if state else ""
-        return f"sum by (upstream) ({metric}{{{SELU}{extra}}})"
+        return f"sum by (upstream) ({metric}{{{UPSTREAM_SELECTOR}{extra}}})"
 
     panels = [
-        P("Connections: in use, idle, max", [
-            Q(pool("relay_pool_connections", "in_use"), "in use {{upstream}}"),
-            Q(pool("relay_pool_connections", "idle"), "idle {{upstream}}"),
-            Q(pool("relay_pool_max_connections"), "max {{upstream}}"),
+        Panel("Connections: in use, idle, max", [
+            Query(pool("relay_pool_connections", "in_use"), "in use {{upstream}}"),
+            Query(pool("relay_pool_connections", "idle"), "idle {{upstream}}"),
+            Query(pool("relay_pool_max_connections"), "max {{upstream}}"),
         ], "short", "Upstream pool connections (in use includes ones being opened)."),
-        P("Pool utilisation", [Q(
+        Panel("Pool utilisation", [Query(
             f'{pool("relay_pool_connections", "in_use")} / {pool("relay_pool_max_connections")}',
             "{{upstream}}")], "percentunit", "In-use connections over max_connections.",
           thresholds=[(None, "transparent"), (o.pool_utilization, "red")],
           threshold_lines=True, links=[runbook("RelayPoolSaturated")]),
-        P("Requests waiting for a connection",
-          [Q(pool("relay_pool_waiting_requests"), "{{upstream}}")], "short",
+        Panel("Requests waiting for a connection",
+          [Query(pool("relay_pool_waiting_requests"), "{{upstream}}")], "short",
           "Requests queued at the pool gate."),
-        P("Pool wait time", quantiles("relay_pool_wait_seconds"), "s",
+        Panel("Pool wait time", quantiles("relay_pool_wait_seconds"), "s",
           "Time requests spent waiting for a free connection.",
           links=[runbook("RelayPoolWaitHigh")]),
-        P("Pool timeouts (503)", [Q(
-            f"sum by (upstream) (rate(relay_pool_timeouts_total{{{SELU}}}[{RI}]))",
+        Panel("Pool timeouts (503)", [Query(
+            f"sum by (upstream) (rate(relay_pool_timeouts_total"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{upstream}}")], "reqps", "Requests that got no connection within the pool timeout.",
           links=[runbook("RelayPoolTimeouts")]),
-        P("Stale keep-alive retries", [Q(
-            f"sum by (upstream) (rate(relay_upstream_retries_total{{{SELU}}}[{RI}]))",
+        Panel("Stale keep-alive retries", [Query(
+            f"sum by (upstream) (rate(relay_upstream_retries_total"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{upstream}}")], "reqps",
           "Idempotent requests replayed after a reused connection was closed by the upstream.",
           links=[runbook("RelayUpstreamRetries")]),
@@ -321,38 +334,46 @@ def pools() -> dict[str, Any]:
 
 def errors() -> dict[str, Any]:
     panels = [
-        P("Upstream errors by reason", [Q(
-            f"sum by (upstream, reason) (rate(relay_upstream_errors_total{{{SELU}}}[{RI}]))",
+        Panel("Upstream errors by reason", [Query(
+            f"sum by (upstream, reason) "
+            f"(rate(relay_upstream_errors_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{reason}} {{upstream}}")], "reqps",
           "connect, connect_timeout, read_timeout, write_timeout, pool_timeout, protocol, "
           "reset, overloaded (503 at server.limit_concurrency), internal (a Relay bug).",
           links=[runbook("RelayUpstreamConnectFailures"), runbook("RelayInternalErrors")]),
-        P("Responses cut short", [Q(
-            f"sum by (upstream, route) (rate(relay_responses_truncated_total{{{SELU}}}[{RI}]))",
+        Panel("Responses cut short", [Query(
+            f"sum by (upstream, route) "
+            f"(rate(relay_responses_truncated_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{upstream}} {{route}}")], "reqps",
           "Responses whose status (not a 5xx) was sent and whose body was then cut: upstream "
           "reset, read timeout, protocol error or a Relay failure. They count against the "
           "availability SLI."),
-        P("Disconnects by side and phase", [Q(
-            f"sum by (upstream, side, phase) (rate(relay_disconnects_total{{{SELU}}}[{RI}]))",
+        Panel("Disconnects by side and phase", [Query(
+            f"sum by (upstream, side, phase) "
+            f"(rate(relay_disconnects_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{side}} {{phase}} {{upstream}}")], "reqps",
           "Exchanges cut short: the client hung up, or the upstream closed or reset.",
           links=[runbook("RelayUpstreamResetSpike"), runbook("RelayClientDisconnectSpike")]),
-        P("5xx responses by code", [Q(
-            f'sum by (upstream, code) (rate(relay_requests_total{{{SELU}, code=~"5.."}}[{RI}]))',
+        Panel("5xx responses by code", [Query(
+            f'sum by (upstream, code) (rate(relay_requests_total'
+            f'{{{UPSTREAM_SELECTOR}, code=~"5.."}}[{RATE_INTERVAL}]))',
             "{{code}} {{upstream}}")], "reqps", "Proxy-generated and upstream 5xx."),
-        P("Client hung up before headers (499)", [Q(
-            f'sum by (upstream) (rate(relay_requests_total{{{SELU}, code="499"}}[{RI}]))',
+        Panel("Client hung up before headers (499)", [Query(
+            f'sum by (upstream) (rate(relay_requests_total'
+            f'{{{UPSTREAM_SELECTOR}, code="499"}}[{RATE_INTERVAL}]))',
             "{{upstream}}")], "reqps", "Clients that gave up waiting for the upstream."),
-        P("Unrouted and refused requests", [Q(
-            f'sum by (pod, instance, code) (rate(relay_requests_total{{{SEL}, upstream="-"}}'
-            f"[{RI}]))", "{{code}} {{pod}} {{instance}}")], "reqps",
+        Panel("Unrouted and refused requests", [Query(
+            f'sum by (pod, instance, code) (rate(relay_requests_total'
+            f'{{{RELAY_SELECTOR}, upstream="-"}}'
+            f"[{RATE_INTERVAL}]))", "{{code}} {{pod}} {{instance}}")], "reqps",
           "Requests that matched no route (404) or were refused before routing (400, 413, 414, "
           "431).", links=[runbook("RelayUnroutedTraffic")]),
-        P("Body bytes", [
-            Q(f"sum by (upstream) (rate(relay_request_body_bytes_total{{{SELU}}}[{RI}]))",
+        Panel("Body bytes", [
+            Query(f"sum by (upstream) (rate(relay_request_body_bytes_total"
+                  f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
               "up {{upstream}}"),
-            Q(f"sum by (upstream) (rate(relay_response_body_bytes_total{{{SELU}}}[{RI}]))",
+            Query(f"sum by (upstream) (rate(relay_response_body_bytes_total"
+                  f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
               "down {{upstream}}"),
         ], "Bps", "Request bytes sent upstream and response bytes sent to clients.", width=24),
     ]  # fmt: skip
@@ -368,42 +389,50 @@ def process() -> dict[str, Any]:
     o = objectives()
     pod = "{{pod}} {{instance}}"
     panels = [
-        P("Targets up", [Q(f"sum(up{{{SEL}}})")], "short",
+        Panel("Targets up", [Query(f"sum(up{{{RELAY_SELECTOR}}})")], "short",
           "Relay targets Prometheus scrapes successfully. Red at none.", kind="stat", width=6,
           height=4, thresholds=[(None, "red"), (1, "green")], links=[runbook("RelayDown")]),
-        P("Targets down", [Q(f"sum(1 - up{{{SEL}}})")], "short",
+        Panel("Targets down", [Query(f"sum(1 - up{{{RELAY_SELECTOR}}})")], "short",
           "Relay targets whose last scrape failed.", kind="stat", width=6, height=4,
           thresholds=[(None, "green"), (1, "red")], links=[runbook("RelayTargetDown")]),
-        P("Uptime", [Q(f"time() - min by (pod, instance) (process_start_time_seconds{{{SEL}}})",
-                       pod)], "s",
+        Panel("Uptime", [Query(
+            f"time() - min by (pod, instance) (process_start_time_seconds{{{RELAY_SELECTOR}}})",
+            pod)], "s",
           "Since each pod's oldest Relay process started. Orange for the first 10 minutes.",
           kind="stat", width=6, height=4, thresholds=[(None, "orange"), (600, "green")]),
-        P("Versions", [Q(f"count by (version) (relay_build_info{{{SEL}}})", "{{version}}")],
+        Panel("Versions", [Query(
+            f"count by (version) (relay_build_info{{{RELAY_SELECTOR}}})", "{{version}}")],
           "short", "Pods per Relay version (more than one: a rollout in progress).",
           kind="stat", width=6, height=4, thresholds=[(None, "blue")]),
-        P("CPU", [Q(f"sum by (pod, instance) (rate(process_cpu_seconds_total{{{SEL}}}[{RI}]))",
-                    pod)], "percentunit",
+        Panel("CPU", [Query(
+            f"sum by (pod, instance) (rate(process_cpu_seconds_total{{{RELAY_SELECTOR}}}"
+            f"[{RATE_INTERVAL}]))", pod)], "percentunit",
           "CPU time per second of each pod's Relay processes, all workers (1 = one core)."),
-        P("Resident memory",
-          [Q(f"sum by (pod, instance) (process_resident_memory_bytes{{{SEL}}})", pod)], "bytes",
+        Panel("Resident memory",
+          [Query(f"sum by (pod, instance) "
+                 f"(process_resident_memory_bytes{{{RELAY_SELECTOR}}})", pod)], "bytes",
           "RSS of each pod's Relay processes, all workers; it stays flat while bodies stream.",
           links=[runbook("RelayMemoryNearLimit")]),
-        P("File descriptors used", [Q(
-            f"max by (pod, instance) (process_open_fds{{{SEL}}} / process_max_fds{{{SEL}}})",
+        Panel("File descriptors used", [Query(
+            f"max by (pod, instance) (process_open_fds{{{RELAY_SELECTOR}}} / "
+            f"process_max_fds{{{RELAY_SELECTOR}}})",
             pod)], "percentunit",
           "Open over maximum file descriptors of each pod's busiest Relay process.",
           thresholds=[(None, "transparent"), (o.fds_ratio, "red")], threshold_lines=True,
           links=[runbook("RelayFileDescriptorsNearLimit")]),
-        P("Open file descriptors by process",
-          [Q(f"process_open_fds{{{SEL}}}", "{{pod}} {{instance}} {{worker}}")], "short",
+        Panel("Open file descriptors by process",
+          [Query(f"process_open_fds"
+                 f"{{{RELAY_SELECTOR}}}", "{{pod}} {{instance}} {{worker}}")], "short",
           "Sockets and files held by each process (per worker with several)."),
-        P("Worker restarts", [Q(
-            f"sum by (pod, instance) (increase(relay_worker_restarts_total{{{SEL}}}[{RI}]))",
+        Panel("Worker restarts", [Query(
+            f"sum by (pod, instance) "
+            f"(increase(relay_worker_restarts_total{{{RELAY_SELECTOR}}}[{RATE_INTERVAL}]))",
             pod)], "short",
           "Worker processes respawned after dying (several workers only; the pod stays "
           "Running).", links=[runbook("RelayWorkerRestarts")]),
-        P("Restarts in range", [Q(
-            f"max by (pod, instance) (changes(process_start_time_seconds{{{SEL}}}[$__range]))",
+        Panel("Restarts in range", [Query(
+            f"max by (pod, instance) "
+            f"(changes(process_start_time_seconds{{{RELAY_SELECTOR}}}[$__range]))",
             pod)], "short",
           "Process (re)starts per pod in the selected time range, workers included.",
           kind="stat", thresholds=[(None, "green"), (1, "orange"), (3, "red")]),

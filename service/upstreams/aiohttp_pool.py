@@ -270,8 +270,8 @@ class AiohttpTransport(PoolTransport):
         return session
 
     async def __aenter__(self) -> AiohttpTransport:
-        # Open the session inside the running loop (the app's lifespan), not lazily on the
-        # first request, so a misconfigured upstream fails at start and not under load.
+        # Opened in the app's lifespan, inside the loop that uses it, so the first request
+        # does not pay for it; a transport never entered opens it on its first request.
         if self._session is None:
             self._session = self._open()
         return self
