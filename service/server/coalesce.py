@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from .uvicorn_compat import UvicornProtocol
 
 FLUSH_BYTES = 16 * 1024  # beyond this, one more send costs nothing next to the copy
 
@@ -65,7 +65,7 @@ class CoalescingWriter:
         return getattr(self._transport, name)
 
 
-class CoalescedWrites(HttpToolsProtocol):
+class CoalescedWrites(UvicornProtocol):
     """Gives each request/response cycle a coalescing writer (a mixin for the protocol)."""
 
     def on_headers_complete(self) -> None:

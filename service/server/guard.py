@@ -23,13 +23,13 @@ from typing import Any, ClassVar
 
 import httptools
 from starlette.types import ASGIApp
-from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from ..config import LimitsConfig
 from ..errors import Reason, error_response
 from ..exchange import Exchange, ExchangeObserver, report_refused
 from .head_checks import Rejection, check_head, routing_path
+from .uvicorn_compat import UvicornProtocol, service_unavailable
 
 _LOGGED_PATH_BYTES = 256  # of a refused target, in the access log
 _TOO_MANY_FIELDS = "request header fields exceed limits.max_header_count"
@@ -52,7 +52,7 @@ class _Refused(Exception):
 Task = tuple[RequestResponseCycle, Any]
 
 
-class Guard(HttpToolsProtocol):
+class Guard(UvicornProtocol):
     """The checks, run in the parser's callbacks (a mixin of ``protocol.RelayProtocol``,
     which sets the class attributes below from the settings)."""
 
@@ -83,7 +83,7 @@ class Guard(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # the connection is closing; the parser has stopped
-        self._unset_keepalive_if_required()
+        self.unset_keepalive_if_required()
         self._progress = False
         self._feeding = True
         try:
@@ -91,10 +91,10 @@ class Guard(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             self._feeding = False
             self._start_deferred()
-            if self._should_upgrade():
+            if self.should_upgrade():
                 self.handle_websocket_upgrade()
             else:
-                self._unsupported_upgrade_warning()
+                self.unsupported_upgrade_warning()
             return
         except httptools.HttpParserError:
             self._feeding = False
@@ -112,13 +112,13 @@ class Guard(HttpToolsProtocol):
         else:
             self._stalled = 0
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+    def start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         if app is service_unavailable:
             app = self._overload_answer(app)
         if self._feeding:
             self._deferred.append((cycle, app))
         else:
-            super()._start_asgi_task(cycle, app)
+            self.run_asgi_task(cycle, app)
 
     def _overload_answer(self, default: Any) -> Any:
         # Read from the class: a function stored there must not be bound to the protocol.
@@ -127,7 +127,7 @@ class Guard(HttpToolsProtocol):
     def _start_deferred(self) -> None:
         deferred, self._deferred = self._deferred, []
         for cycle, app in deferred:
-            super()._start_asgi_task(cycle, app)
+            self.run_asgi_task(cycle, app)
 
     # -- parser callbacks (the hot path: keep them to a few comparisons) -----------------
     def on_message_begin(self) -> None:
@@ -192,7 +192,7 @@ class Guard(HttpToolsProtocol):
             self.headers,
             self.limits,
             upgrade=upgrade,
-            upgrade_accepted=upgrade and self._should_upgrade(),
+            upgrade_accepted=upgrade and self.should_upgrade(),
         )
 
     # -- refusing ------------------------------------------------------------------------

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from ..app import Relay
 from ..config import Settings
 from .coalesce import CoalescedWrites
 from .guard import Guard, stall_budget_for
+from .uvicorn_compat import UvicornProtocol
 
 # How long a connection accepted just before the listener closed may take to send its
 # request head once the drain has begun.
 FRESH_CONNECTION_GRACE_SECONDS = 1.0
 
 
-class DrainSafe(HttpToolsProtocol):
+class DrainSafe(UvicornProtocol):
     """When the listener closes, uvicorn closes every connection with no request under way.
 
     A connection accepted just before has its request on the way, or already in the socket

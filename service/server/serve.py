@@ -17,7 +17,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -33,6 +33,7 @@ from .admin import create_admin_app
 from .demo import create_demo_app
 from .listeners import EXIT_CANNOT_START, Listeners, bind_listeners
 from .protocol import RelayProtocol
+from .uvicorn_compat import UvicornServer
 
 log = logging.getLogger("relay.server")
 
@@ -54,7 +55,7 @@ CUT_HEADERS = [
 ]
 
 
-class _Server(uvicorn.Server):
+class _Server(UvicornServer):
     """uvicorn's server with the service in charge of signals and of the shutdown's steps.
 
     uvicorn's own shutdown could only be cut short by skipping the application's lifespan
@@ -70,10 +71,6 @@ class _Server(uvicorn.Server):
         self.on_started: Callable[[], None] | None = None
         self.on_closed: Callable[[int], None] | None = None
         self.on_grace_over: Callable[[int], None] | None = None
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
     @property
     def in_flight(self) -> int:

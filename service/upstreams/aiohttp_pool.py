@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import httpx
@@ -27,6 +26,7 @@ from aiohttp.tracing import Trace
 from yarl import URL
 
 from ..errors import StaleConnectionError
+from .aiohttp_compat import HookedConnector, disable_silent_retry, payload_of
 from .attempt import AttemptInfo, PoolTransport, attempt_of
 
 # aiohttp adds these when absent; a proxy must send only what the client sent.
@@ -133,7 +133,7 @@ class _ResponseHandler(ResponseHandler):
     """
 
     def set_exception(self, exc: BaseException, *args: Any) -> None:
-        payload = self._payload
+        payload = payload_of(self)
         super().set_exception(exc, *args)
         # A read timeout is handed to the payload by aiohttp right after, as itself:
         # wrapped here it would read as the upstream cutting the body (reason reset).
@@ -167,30 +167,28 @@ class _ResponseHandler(ResponseHandler):
         super().data_received(data)
 
 
-class _Connector(aiohttp.TCPConnector):
+class _Connector(HookedConnector):
     def __init__(self, *, max_idle: int | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        factory = functools.partial(_ResponseHandler, loop=self._loop)
-        self._factory = cast("functools.partial[ResponseHandler]", factory)
+        self.make_protocols_with(_ResponseHandler)
         self._max_idle = max_idle
 
-    def _release(
+    def give_back(
         self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
     ) -> None:
         # aiohttp has no limit of its own on idle connections: this is where
         # max_keepalive_connections is kept (0 disables keep-alive).
         if self._max_idle is not None and not should_close:
-            idle = sum(len(conns) for conns in self._conns.values())
-            should_close = idle >= self._max_idle
+            should_close = self.idle_count() >= self._max_idle
         if isinstance(protocol, _ResponseHandler):
             protocol.pooled = not should_close
-        super()._release(key, protocol, should_close=should_close)
+        super().give_back(key, protocol, should_close=should_close)
 
-    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+    async def take_idle(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
         info = _ATTEMPT.get()
         if info is not None and info.fresh:
             return None  # aiohttp then opens a new connection
-        connection = await super()._get(key, traces)
+        connection = await super().take_idle(key, traces)
         if connection is not None and info is not None:
             info.reused = True
         return connection
@@ -266,7 +264,7 @@ class AiohttpTransport(PoolTransport):
         # aiohttp would silently retry any failed idempotent request once, including on a
         # fresh connection and uncounted; the proxy's own policy retries only the stale
         # keep-alive race, and counts it.
-        session._retry_connection = False
+        disable_silent_retry(session)
         return session
 
     async def __aenter__(self) -> AiohttpTransport:
@@ -280,8 +278,8 @@ class AiohttpTransport(PoolTransport):
         if self._session is None:
             return 0
         connector = self._session.connector
-        conns = getattr(connector, "_conns", {})
-        return sum(len(items) for items in conns.values())
+        assert isinstance(connector, _Connector)
+        return connector.idle_count()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._session is None:

@@ -12,6 +12,7 @@ import httpx
 
 from ..errors import StaleConnectionError
 from .attempt import PoolTransport, attempt_of
+from .httpcore_compat import h11_state_of, pool_connections
 
 
 class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
@@ -24,7 +25,7 @@ class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
         self._verify = verify
 
     def idle_connections(self) -> int:
-        return sum(1 for c in self._pool.connections if c.is_idle())
+        return sum(1 for c in pool_connections(self) if c.is_idle())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         info = attempt_of(request)
@@ -102,12 +103,10 @@ class _NoBytesPastTheEnd(httpx.AsyncByteStream):
         return self._inner.__aiter__()
 
     async def aclose(self) -> None:
-        # httpx's stream -> httpcore's pool stream -> its HTTP/1.1 connection's stream.
-        pool_stream = getattr(self._inner, "_httpcore_stream", None)
-        connection = getattr(getattr(pool_stream, "_stream", None), "_connection", None)
-        parser: Any = getattr(connection, "_h11_state", None)
-        trailing = getattr(parser, "trailing_data", (b"", False))
-        if trailing[0]:
-            # Our side no longer DONE: httpcore closes the connection on release.
-            parser.send_failed()
-        await self._inner.aclose()
+        try:
+            parser = h11_state_of(self._inner)
+            if parser.trailing_data[0]:
+                # Our side no longer DONE: httpcore closes the connection on release.
+                parser.send_failed()
+        finally:
+            await self._inner.aclose()

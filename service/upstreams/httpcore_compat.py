@@ -1,0 +1,50 @@
+"""httpx's and httpcore's private names, used nowhere else (see ``service/compat.py``).
+
+* ``AsyncHTTPTransport._pool``: httpx's transport over httpcore's pool, whose
+  ``connections`` the pool snapshot counts idle ones of.
+* The chain from an httpx response body to the HTTP/1.1 parser of its connection:
+  httpx's stream ``_httpcore_stream`` -> httpcore's pool stream ``_stream`` -> the
+  connection's stream ``_connection`` -> the connection's h11 state ``_h11_state``. Bytes
+  past the end of a response are found there (httpcore_pool.py). Each link is followed with
+  no default: a renamed one raises ``IncompatibleLibrary`` rather than switching that
+  protection off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpcore
+import httpx
+
+from ..compat import incompatible, require
+
+CLASS_NAMES: dict[object, tuple[str, ...]] = {httpcore.AsyncConnectionPool: ("connections",)}
+# The links of the chain above (tests/test_compat.py follows it on a real response).
+RESPONSE_CHAIN = ("_httpcore_stream", "_stream", "_connection", "_h11_state")
+
+require("httpcore", CLASS_NAMES)
+
+
+def pool_connections(
+    transport: httpx.AsyncHTTPTransport,
+) -> list[httpcore.AsyncConnectionInterface]:
+    pool = transport._pool
+    if not isinstance(pool, httpcore.AsyncConnectionPool):
+        raise incompatible("httpx", "AsyncHTTPTransport._pool as an httpcore.AsyncConnectionPool")
+    return pool.connections
+
+
+def h11_state_of(stream: httpx.AsyncByteStream) -> Any:
+    """The ``h11.Connection`` that parsed the response ``stream`` (from an HTTP/1.1
+    connection of httpx's transport)."""
+    link: Any = stream
+    for name in RESPONSE_CHAIN:
+        try:
+            link = getattr(link, name)
+        except AttributeError:
+            owner = type(link).__qualname__
+            raise incompatible("httpcore", f"{owner}.{name}") from None
+    if not hasattr(link, "trailing_data") or not hasattr(link, "send_failed"):
+        raise incompatible("h11", "Connection.trailing_data and send_failed")
+    return link
