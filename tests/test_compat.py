@@ -29,7 +29,7 @@ from service.upstreams import aiohttp_compat, httpcore_compat
 from service.upstreams.aiohttp_pool import AiohttpTransport
 from service.upstreams.httpcore_compat import h11_state_of, pool_connections
 from service.upstreams.httpcore_pool import HttpcoreTransport
-from tests.harness import ScriptedUpstream, respond
+from tests.harness import ScriptedUpstream, eventually, respond
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = ("aiohttp", "httpx", "httpcore", "uvicorn")
@@ -120,8 +120,29 @@ async def test_uvicorn_instance_names_on_a_server_that_parsed_a_request() -> Non
         await server.wait_closed()
     ((protocol, cycle),) = _Recording.seen
     checks = {HttpToolsProtocol: protocol, type(cycle): cycle}
-    for owner, names in uvicorn_compat.INSTANCE_NAMES.items():
-        assert [n for n in names if not hasattr(checks[owner], n)] == [], owner
+    for owner, target in checks.items():
+        names = uvicorn_compat.INSTANCE_NAMES[owner]
+        assert [n for n in names if not hasattr(target, n)] == [], owner
+
+
+async def test_uvicorn_server_names_on_a_started_server() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off")
+    config.load()
+    server = uvicorn_compat.UvicornServer(config)  # uvicorn's, minus its signal handlers
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        await eventually(lambda: server.started or serving.done(), within=10)
+        assert server.started
+        checks = {uvicorn.Server: server, ServerState: server.server_state}
+        for owner, target in checks.items():
+            names = uvicorn_compat.INSTANCE_NAMES[owner]
+            assert [n for n in names if not hasattr(target, n)] == [], owner
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
 
 
 def test_bounds_hold_the_pinned_and_installed_versions() -> None:

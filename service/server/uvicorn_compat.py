@@ -14,7 +14,9 @@ hook:
   asserted on real instances by tests/test_compat.py.
 * ``flow_control.service_unavailable``: the app uvicorn answers with over
   ``limit_concurrency``, replaced by the proxy's own answer.
-* ``Server.capture_signals``: uvicorn installs its own signal handlers there.
+* ``Server.capture_signals``: uvicorn installs its own signal handlers there; the drain
+  (serve.py) replaces ``Server.shutdown`` and reads ``servers``, ``lifespan``, ``started``
+  and the ``server_state``'s ``connections`` and ``tasks``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http import flow_control
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import ServerState
 
 from ..compat import require
 
@@ -43,6 +46,8 @@ CLASS_NAMES: dict[object, tuple[str, ...]] = {
 }
 # Set in __init__: tests/test_compat.py checks them on real instances.
 INSTANCE_NAMES: dict[type, tuple[str, ...]] = {
+    uvicorn.Server: ("servers", "lifespan", "started", "server_state"),
+    ServerState: ("connections", "tasks"),
     HttpToolsProtocol: ("cycle", "pipeline", "flow", "parser", "headers", "scope", "url"),
     RequestResponseCycle: (
         "scope",
