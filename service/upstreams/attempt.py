@@ -4,6 +4,7 @@ fresh connection) and the interface of a pool."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import ClassVar
 
 import httpx
@@ -42,3 +43,35 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
     def idle_connections(self) -> int:
         raise NotImplementedError
+
+
+class WrappedStream(httpx.AsyncByteStream):
+    """A response body passed through as it is, with steps of its own around its close.
+
+    ``_before_close`` runs first; the inner stream is closed even if it raised, and
+    ``_after_close`` runs however the close ended.
+    """
+
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self._inner = inner
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._inner.__aiter__()
+
+    async def aclose(self) -> None:
+        try:
+            try:
+                self._before_close()
+            finally:
+                await self._close_inner()
+        finally:
+            await self._after_close()
+
+    def _before_close(self) -> None:
+        pass
+
+    async def _close_inner(self) -> None:
+        await self._inner.aclose()
+
+    async def _after_close(self) -> None:
+        pass

@@ -5,13 +5,13 @@ the stale keep-alive retry, and connections holding bytes past a response never 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
 from ..errors import StaleConnectionError
-from .attempt import PoolTransport, attempt_of
+from .attempt import PoolTransport, WrappedStream, attempt_of
 from .httpcore_compat import h11_state_of, pool_connections
 
 
@@ -72,22 +72,16 @@ class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
         return response
 
 
-class _ClosingTransport(httpx.AsyncByteStream):
+class _ClosingTransport(WrappedStream):
     def __init__(self, inner: httpx.AsyncByteStream, transport: httpx.AsyncHTTPTransport) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._transport = transport
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._inner.__aiter__()
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            await self._transport.aclose()
+    async def _after_close(self) -> None:
+        await self._transport.aclose()
 
 
-class _NoBytesPastTheEnd(httpx.AsyncByteStream):
+class _NoBytesPastTheEnd(WrappedStream):
     """Closes the connection, instead of pooling it, when the upstream sent bytes past the
     end of the response (say, a body longer than its Content-Length).
 
@@ -96,17 +90,8 @@ class _NoBytesPastTheEnd(httpx.AsyncByteStream):
     a protocol error.
     """
 
-    def __init__(self, inner: httpx.AsyncByteStream) -> None:
-        self._inner = inner
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._inner.__aiter__()
-
-    async def aclose(self) -> None:
-        try:
-            parser = h11_state_of(self._inner)
-            if parser.trailing_data[0]:
-                # Our side no longer DONE: httpcore closes the connection on release.
-                parser.send_failed()
-        finally:
-            await self._inner.aclose()
+    def _before_close(self) -> None:
+        parser = h11_state_of(self._inner)
+        if parser.trailing_data[0]:
+            # Our side no longer DONE: httpcore closes the connection on release.
+            parser.send_failed()

@@ -32,7 +32,7 @@ import httpx
 from ..config import UpstreamConfig
 from ..errors import StaleConnectionError
 from .aiohttp_pool import AiohttpTransport
-from .attempt import PoolTransport, attempt_of
+from .attempt import PoolTransport, WrappedStream, attempt_of
 from .client import UpstreamClient
 from .gate import Gate, GateTimeout
 from .httpcore_pool import HttpcoreTransport
@@ -82,27 +82,24 @@ class Body(httpx.AsyncByteStream):
         return self._chunks
 
 
-class _GatedStream(httpx.AsyncByteStream):
+class _GatedStream(WrappedStream):
     """The response body; closing it returns the gate slot, after the transport is done."""
 
     def __init__(
         self, inner: httpx.AsyncByteStream, release: Callable[[], None], *, shield_close: bool
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._release = release
         self._shield_close = shield_close
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._inner.__aiter__()
+    async def _close_inner(self) -> None:
+        if self._shield_close:
+            await _close_uncancellably(self._inner)
+        else:
+            await self._inner.aclose()
 
-    async def aclose(self) -> None:
-        try:
-            if self._shield_close:
-                await _close_uncancellably(self._inner)
-            else:
-                await self._inner.aclose()
-        finally:
-            self._release()
+    async def _after_close(self) -> None:
+        self._release()
 
 
 async def _close_uncancellably(stream: httpx.AsyncByteStream) -> None:
