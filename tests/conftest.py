@@ -11,13 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
-    RunningRelay,
-    ScriptedUpstream,
-    StartRelay,
-    one_upstream,
-    run_relay,
-)
+from tests.support.relays import one_upstream, run_relay, RunningRelay, StartRelay
+from tests.support.scripted import ScriptedUpstream
 
 TRANSPORTS = ["aiohttp", "httpcore"]
 

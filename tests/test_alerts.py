@@ -26,17 +26,8 @@ from prometheus_client.utils import floatToGoString
 from service.errors import Reason
 from service.exchange import Phase, Side
 from service.metrics import LATENCY_BUCKETS, Metrics
-from tests.alert_rules import (
-    KUBE_STATE_METRICS,
-    ROOT,
-    RULE_OVERLAYS,
-    load_generator,
-    overlay_groups,
-    plain_groups,
-    prometheus_rule,
-    rules_of,
-    write_rules_file,
-)
+from tests.support.rules import KUBE_STATE_METRICS, load_generator, overlay_groups, plain_groups, prometheus_rule, RULE_OVERLAYS, rules_of, write_rules_file
+from tests.support.tools import ROOT
 
 UNIT_TESTS = sorted((ROOT / "tests" / "alerts").glob("*.yaml"))
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
@@ -53,16 +44,6 @@ RECORD_NAME = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")
 # A series selector: a metric name with its matchers.
 SELECTOR = re.compile(r"(?<![\w:])([a-z_:][a-z0-9_:]*)\{([^}]*)\}")
 RULE_SOURCES = ("production", "dev", "plain")
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool not found on PATH: install the Debian package `prometheus` "
-            "(apt-get install --no-install-recommends prometheus)"
-        )
-    return path
 
 
 def groups_of(source: str) -> list[dict[str, Any]]:
@@ -91,7 +72,7 @@ def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def unit_test_results(rules_dir: Path) -> Iterator[dict[str, tuple[int, str]]]:
     """Run every unit test file at once (the 3-day burn-rate ones take a few seconds each)."""
-    tool = promtool()
+    tool = require_tool("promtool")
     running = {
         test_file.name: subprocess.Popen(
             [tool, "test", "rules", test_file.name],
@@ -145,7 +126,7 @@ def test_generator_needs_only_yaml_and_the_standard_library() -> None:
 @pytest.mark.parametrize("source", RULE_SOURCES)
 def test_promtool_check_rules(source: str, rules_dir: Path) -> None:
     result = subprocess.run(
-        [promtool(), "check", "rules", f"{source}.yaml"],
+        [require_tool("promtool"), "check", "rules", f"{source}.yaml"],
         cwd=rules_dir,
         capture_output=True,
         text=True,

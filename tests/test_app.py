@@ -12,10 +12,11 @@ from fastapi import FastAPI
 
 from service.app import Relay
 from service.config import Settings
-from tests.harness import ScriptedUpstream, one_upstream, respond, run_relay
+from tests.support.relays import one_upstream, run_relay
+from tests.support.scripted import respond, ScriptedUpstream
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
-HOOK = "tests.app_hook_example:customize"
+HOOK = "tests.support.app_hook_example:customize"
 
 
 async def test_app_hook_routes_and_middleware_beside_the_proxy() -> None:
@@ -48,8 +49,8 @@ def test_relay_is_a_fastapi_app_whose_default_is_the_proxy() -> None:
     ("hook", "message"),
     [
         ("tests.no_such_module:customize", "No module named 'tests.no_such_module'"),
-        ("tests.app_hook_example:missing", "has no attribute 'missing'"),
-        ("tests.app_hook_example:not_callable", "is not callable"),
+        ("tests.support.app_hook_example:missing", "has no attribute 'missing'"),
+        ("tests.support.app_hook_example:not_callable", "is not callable"),
     ],
 )
 def test_broken_app_hook_stops_the_start_naming_the_field(hook: str, message: str) -> None:

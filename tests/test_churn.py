@@ -16,7 +16,9 @@ import pytest
 
 from service.config import UpstreamConfig
 from service.upstreams import Upstream, _NullObserver
-from tests.harness import ScriptedUpstream, eventually, respond, run_relay
+from tests.support.net import eventually
+from tests.support.relays import run_relay
+from tests.support.scripted import respond, ScriptedUpstream
 
 CHURN_SECONDS = 2.0
 

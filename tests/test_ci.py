@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import ROOT, apt_packages
+from tests.support.tools import apt_packages, ROOT
 
 NOBODY = 65534
 

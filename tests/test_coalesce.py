@@ -7,7 +7,8 @@ import asyncio
 import httpx
 
 from service.coalesce import FLUSH_BYTES, CoalescingWriter
-from tests.harness import ScriptedUpstream, endless_stream, one_upstream, respond, run_relay
+from tests.support.relays import one_upstream, run_relay
+from tests.support.scripted import endless_stream, respond, ScriptedUpstream
 
 
 class RecordingTransport(asyncio.Transport):

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from tests.dashboard_queries import DASHBOARDS, load
+from tests.support.dashboards import DASHBOARDS, load
 
 PACKAGES = {"typescript": "7.0.2", "@grafana/schema": "13.2.3"}
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.alert_rules import plain_groups, rules_of
-from tests.dashboard_queries import DASHBOARDS, load, panel_queries
+from tests.support.dashboards import DASHBOARDS, load, panel_queries
+from tests.support.rules import plain_groups, rules_of
 
 ROOT = Path(__file__).resolve().parent.parent
 BOARDS = {"relay-overview", "relay-slo", "relay-pools", "relay-errors", "relay-process"}

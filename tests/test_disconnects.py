@@ -10,24 +10,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.harness import (
-    Request,
-    RunningRelay,
-    ScriptedUpstream,
-    Writer,
-    delayed,
-    endless_stream,
-    eventually,
-    hang,
-    metric,
-    one_upstream,
-    pool_settled,
-    raw_request,
-    reset_mid_body,
-    respond,
-    run_relay,
-    unaccepting_listener,
-)
+from tests.support.metrics import metric
+from tests.support.net import eventually, unaccepting_listener
+from tests.support.relays import one_upstream, pool_settled, run_relay, RunningRelay
+from tests.support.scripted import delayed, endless_stream, hang, Request, reset_mid_body, respond, ScriptedUpstream, Writer
+from tests.support.wire import raw_request
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -113,8 +100,7 @@ async def test_client_gone_mid_body(relay: tuple[RunningRelay, ScriptedUpstream]
 
 async def test_client_gone_mid_upload(relay: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, upstream = relay
-    host, port = running.url.removeprefix("http://").split(":")
-    _, writer = await asyncio.open_connection(host, int(port))
+    _, writer = await connect(running.url)
     writer.write(b"POST /upload HTTP/1.1\r\nhost: t\r\ncontent-length: 1000000\r\n\r\n")
     writer.write(b"u" * 100_000)
     await writer.drain()

@@ -11,23 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import (
-    Request,
-    ScriptedUpstream,
-    StartRelay,
-    Writer,
-    closed_port,
-    delayed,
-    eventually,
-    hang,
-    one_upstream,
-    pool_settled,
-    reset_mid_body,
-    respond,
-    run_relay,
-    send_raw,
-    unaccepting_listener,
-)
+from tests.support.net import closed_port, eventually, unaccepting_listener
+from tests.support.relays import one_upstream, pool_settled, run_relay, StartRelay
+from tests.support.scripted import delayed, hang, Request, reset_mid_body, respond, ScriptedUpstream, send_raw, Writer
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 

@@ -16,15 +16,10 @@ import httpx
 import pytest
 
 from service.errors import FAILURES, Reason
-from tests.chaos import SMUGGLED, ChaosUpstream, payload
-from tests.harness import (
-    RunningRelay,
-    closed_port,
-    eventually,
-    metric,
-    pool_settled,
-    run_relay,
-)
+from tests.support.chaos import ChaosUpstream, payload, SMUGGLED
+from tests.support.metrics import metric
+from tests.support.net import closed_port, eventually
+from tests.support.relays import pool_settled, run_relay, RunningRelay
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -277,8 +272,7 @@ async def test_pool_exhausted_is_503_with_retry_after(transport: str) -> None:
         release = asyncio.Event()
 
         async def hold() -> None:
-            host, port = w.relay.url.removeprefix("http://").split(":")
-            _, writer = await asyncio.open_connection(host, int(port))
+            _, writer = await connect(w.relay.url)
             writer.write(b"GET /silent HTTP/1.1\r\nhost: holder\r\n\r\n")
             await release.wait()
             writer.transport.abort()

@@ -34,8 +34,8 @@ from service.headers import (
     upstream_request_headers,
 )
 from service.routing import Router, path_problem, rewrite_path, routing_path
-from tests.harness import RelayProcess, spawn_relay
-from tests.raw_upstream import RecordingUpstream, Seen, recording_upstream_thread
+from tests.support.recording import recording_upstream_thread, RecordingUpstream, Seen
+from tests.support.relays import RelayProcess, spawn_relay
 
 # Derandomized: the same examples on every run, so a red CI always means a change broke
 # something. To explore further, run with a higher max_examples and derandomize off.

@@ -17,18 +17,9 @@ from service.headers import (
     has_body,
     upstream_request_headers,
 )
-from tests.harness import (
-    Request,
-    RunningRelay,
-    ScriptedUpstream,
-    Writer,
-    echo,
-    one_upstream,
-    raw_exchange,
-    respond,
-    run_relay,
-    send_raw,
-)
+from tests.support.relays import one_upstream, run_relay, RunningRelay
+from tests.support.scripted import echo, Request, respond, ScriptedUpstream, send_raw, Writer
+from tests.support.wire import raw_exchange
 
 CTX = RequestContext(peer="203.0.113.7", scheme="https", http_version="1.1", host=b"edge.example")
 TRUSTED = [ipaddress.ip_network("203.0.113.0/24")]

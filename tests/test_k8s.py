@@ -15,8 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.harness import closed_port, free_port, wait_http
-from tests.k8s_render import ROOT, TARGETS, kubectl, one, rendered, rendered_text
+from tests.support.k8s import kubectl, one, rendered, rendered_text, TARGETS
+from tests.support.net import closed_port, free_port, wait_http
+from tests.support.tools import ROOT
 
 OVERLAYS = [target for target in TARGETS if target.startswith("overlays/")]
 # Each checkov skip is declared on the Deployment with its reason; production pins its image

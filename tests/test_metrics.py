@@ -9,42 +9,24 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import (
-    RunningRelay,
+from tests.support.metrics import exposition_async, samples, scrape_async, value
+from tests.support.net import closed_port, eventually
+from tests.support.relays import RunningRelay, run_relay
+from tests.support.scripted import (
     ScriptedUpstream,
-    closed_port,
     delayed,
     echo,
     endless_stream,
-    eventually,
     hang,
-    raw_request,
     reset_mid_body,
     respond,
-    run_relay,
 )
-from tests.tools import require_tool
+from tests.support.tools import require_tool
+from tests.support.wire import raw_request
 
 N_OK, N_MISSING, N_SLOW, N_CONNECT, N_HANG, N_STREAM, N_RESET, N_ECHO = 7, 5, 2, 3, 2, 3, 2, 4
 ECHO_SIZE = 1000
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-def value(
-    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in metrics.items() if n == name and wanted <= ls)
 
 
 @pytest.fixture
@@ -75,13 +57,6 @@ async def mix() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
         }
         async with run_relay(config) as running:
             yield running, upstream
-
-
-async def scrape(running: RunningRelay) -> str:
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"{running.admin_url}/metrics")
-    assert response.status_code == 200
-    return response.text
 
 
 async def drive_mix(running: RunningRelay, upstream: ScriptedUpstream) -> None:
@@ -119,15 +94,11 @@ async def test_counters_match_ground_truth(mix: tuple[RunningRelay, ScriptedUpst
 
     await eventually(settled)
 
-    async def finished() -> bool:
-        m = samples(await scrape(running))
-        return value(m, "relay_requests_total", upstream="a") == total_a
-
-    for _ in range(100):
-        if await finished():
+    for _ in range(100):  # bounded: each exchange is counted as its handler ends
+        m = await scrape_async(running.admin_url)
+        if value(m, "relay_requests_total", upstream="a") == total_a:
             break
         await asyncio.sleep(0.05)
-    m = samples(await scrape(running))
 
     assert value(m, "relay_requests_total", upstream="a", code="200") == N_OK + N_STREAM + N_RESET
     assert value(m, "relay_requests_total", upstream="a", code="404") == N_MISSING
@@ -182,15 +153,15 @@ async def test_pool_timeout_and_saturation_counted() -> None:
         async with run_relay(config) as running, httpx.AsyncClient(timeout=5) as client:
             first = asyncio.create_task(client.get(f"{running.url}/slow"))
             await eventually(lambda: running.relay.upstreams()["a"].snapshot().in_use == 1)
-            m = samples(await scrape(running))
+            m = await scrape_async(running.admin_url)
             assert value(m, "relay_pool_connections", upstream="a", state="in_use") == 1
             second = asyncio.create_task(client.get(f"{running.url}/slow"))
             await eventually(lambda: running.relay.upstreams()["a"].snapshot().waiting == 1)
-            m = samples(await scrape(running))
+            m = await scrape_async(running.admin_url)
             assert value(m, "relay_pool_waiting_requests", upstream="a") == 1
             assert (await second).status_code == 503
             assert (await first).status_code == 200
-            m = samples(await scrape(running))
+            m = await scrape_async(running.admin_url)
             assert value(m, "relay_pool_timeouts_total", upstream="a") == 1
             assert value(m, "relay_upstream_errors_total", upstream="a", reason="pool_timeout") == 1
             assert value(m, "relay_requests_total", upstream="a", code="503") == 1
@@ -203,7 +174,7 @@ async def test_unknown_methods_are_folded(mix: tuple[RunningRelay, ScriptedUpstr
     async with httpx.AsyncClient(base_url=running.url) as client:
         await client.request("PROPFIND", "/ok")
         await client.request("PURGE", "/ok")
-    m = samples(await scrape(running))
+    m = await scrape_async(running.admin_url)
     assert value(m, "relay_requests_total", method="other") == 2
     assert not any("PROPFIND" in str(labels) for (_, labels) in m)
 
@@ -226,7 +197,7 @@ async def test_promtool_accepts_exposition(mix: tuple[RunningRelay, ScriptedUpst
     running, upstream = mix
     await drive_mix(running, upstream)
     promtool = require_tool("promtool")
-    text = await scrape(running)
+    text = await exposition_async(running.admin_url)
     process = await asyncio.create_subprocess_exec(
         promtool,
         "check",

@@ -14,25 +14,11 @@ import httpx
 import psutil
 import pytest
 
-from tests.harness import free_port, spawn_relay, wait_http
-from tests.otlp_receiver import otlp_receiver
-from tests.prometheus_server import Prometheus, prometheus
-from tests.test_metrics import samples, value
-
-
-def demo_config(**server: Any) -> dict[str, Any]:
-    demo_port = free_port()
-    return {
-        "server": {"drain_delay_seconds": 0, "grace_period_seconds": 2, **server},
-        "log": {"access_log": False},
-        "demo": {"enabled": True, "host": "127.0.0.1", "port": demo_port},
-        "upstreams": {"demo": {"url": f"http://127.0.0.1:{demo_port}"}},
-        "routes": [{"prefix": "/", "upstream": "demo"}],
-    }
-
-
-def scrape(admin_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return samples(httpx.get(f"{admin_url}/metrics", timeout=5).text)
+from tests.support.metrics import samples, value
+from tests.support.net import free_port, wait_http
+from tests.support.otlp import otlp_receiver
+from tests.support.prometheus import prometheus, Prometheus
+from tests.support.relays import spawn_relay
 
 
 def test_two_workers_sum_counters_and_drop_dead_workers_gauges(tmp_path: Path) -> None:
@@ -78,11 +64,6 @@ def test_two_workers_sum_counters_and_drop_dead_workers_gauges(tmp_path: Path) -
         wait_http(f"{relay.admin_url}/readyz")
         # Counters of the dead workers are history and stay.
         assert value(m, "relay_requests_total", upstream="demo", code="200") == 40
-
-
-def worker_processes(supervisor: psutil.Process) -> list[psutil.Process]:
-    # multiprocessing's spawn also starts a resource tracker; workers run spawn_main.
-    return [p for p in supervisor.children() if "resource_tracker" not in " ".join(p.cmdline())]
 
 
 def _get_quietly(url: str) -> None:

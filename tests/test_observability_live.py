@@ -22,26 +22,13 @@ import psutil
 import pytest
 import yaml
 
-from tests.alert_rules import plain_groups
-from tests.dashboard_queries import DASHBOARDS, annotation_queries, load, panel_queries
-from tests.harness import (
-    RelayProcess,
-    RunningRelay,
-    ScriptedUpstream,
-    closed_port,
-    delayed,
-    endless_stream,
-    eventually,
-    hang,
-    raw_request,
-    reset_mid_body,
-    respond,
-    run_relay,
-    spawn_relay,
-    stale_after_first,
-)
-from tests.prometheus_server import Prometheus, prometheus
-from tests.test_metrics_live import worker_processes
+from tests.support.dashboards import annotation_queries, DASHBOARDS, load, panel_queries
+from tests.support.net import closed_port, eventually
+from tests.support.prometheus import prometheus, Prometheus
+from tests.support.relays import RelayProcess, run_relay, RunningRelay, spawn_relay, worker_processes
+from tests.support.rules import plain_groups
+from tests.support.scripted import delayed, endless_stream, hang, reset_mid_body, respond, ScriptedUpstream, stale_after_first
+from tests.support.wire import raw_request
 
 
 def shipped_rules(tmp_path: Path) -> Path:

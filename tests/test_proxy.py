@@ -9,17 +9,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.harness import (
-    Request,
-    RunningRelay,
-    ScriptedUpstream,
-    Writer,
-    echo,
-    one_upstream,
-    raw_exchange,
-    respond,
-    run_relay,
-)
+from tests.support.relays import one_upstream, run_relay, RunningRelay
+from tests.support.scripted import echo, Request, respond, ScriptedUpstream, Writer
+from tests.support.wire import raw_exchange
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -209,8 +201,7 @@ async def test_expect_100_continue_to_an_upstream_that_ignores_it(transport: str
     body anyway instead of the exchange hanging."""
     upstream = ScriptedUpstream({"/echo": echo})
     async with upstream.running(), run_relay(one_upstream(upstream.url, transport)) as relay:
-        host, port = relay.url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await connect(relay.url)
         try:
             writer.write(
                 b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"

@@ -14,19 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import free_port, spawn_relay, wait_http
-
-
-def demo_config(**server: Any) -> dict[str, Any]:
-    """The demo upstream served by the relay process itself, on free ports."""
-    demo_port = free_port()
-    return {
-        "server": {"drain_delay_seconds": 0, "grace_period_seconds": 2, **server},
-        "log": {"access_log": False},
-        "demo": {"enabled": True, "host": "127.0.0.1", "port": demo_port},
-        "upstreams": {"demo": {"url": f"http://127.0.0.1:{demo_port}"}},
-        "routes": [{"prefix": "/", "upstream": "demo"}],
-    }
+from tests.support.net import free_port, wait_http
+from tests.support.relays import spawn_relay
 
 
 def test_builtin_default_serves_the_demo_upstream(tmp_path: Path) -> None:
@@ -80,16 +69,6 @@ def stream_lines(url: str, started: threading.Event, result: dict[str, object]) 
         result["error"] = exc
     finally:
         started.set()
-
-
-def refused(url: str) -> bool:
-    try:
-        httpx.get(url, timeout=1)
-    except httpx.ConnectError:
-        return True
-    except httpx.HTTPError:
-        return False
-    return False
 
 
 def test_sigterm_drains_without_losing_in_flight_streams(tmp_path: Path) -> None:

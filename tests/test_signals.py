@@ -19,18 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import (
-    RelayProcess,
-    ScriptedUpstream,
-    delayed,
-    endless_stream,
-    eventually,
-    hang,
-    one_upstream,
-    respond,
-    run_relay,
-    spawn_relay,
-)
+from tests.support.net import eventually
+from tests.support.relays import one_upstream, RelayProcess, run_relay, spawn_relay
+from tests.support.scripted import delayed, endless_stream, hang, respond, ScriptedUpstream
 
 IN_FLIGHT = 8
 BODY = b"slow but complete"

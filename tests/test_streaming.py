@@ -14,7 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.harness import free_port, spawn_relay
+from tests.support.net import free_port
+from tests.support.relays import spawn_relay
 
 GIB = 1 << 30
 MAX_GROWTH = 64 << 20  # bytes of RSS the proxy may gain while moving 1 GiB

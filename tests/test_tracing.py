@@ -21,21 +21,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from service.tracing import Instrumentation, Tracing, exporter_from_env
-from tests.harness import (
-    RunningRelay,
-    ScriptedUpstream,
-    closed_port,
-    endless_stream,
-    eventually,
-    one_upstream,
-    raw_request,
-    respond,
-    run_relay,
-    spawn_relay,
-    stale_after_first,
-)
-from tests.otlp_receiver import ReceivedSpan, otlp_receiver
-from tests.test_metrics_live import demo_config
+from tests.support.net import closed_port, eventually
+from tests.support.otlp import otlp_receiver, ReceivedSpan
+from tests.support.relays import demo_config, one_upstream, run_relay, RunningRelay, spawn_relay
+from tests.support.scripted import endless_stream, respond, ScriptedUpstream, stale_after_first
+from tests.support.wire import raw_request
 
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 MODES = ["stock", "native"]

@@ -8,21 +8,11 @@ import asyncio
 import httpx
 import pytest
 
-from tests.harness import (
-    Request,
-    RunningRelay,
-    ScriptedUpstream,
-    StartRelay,
-    Writer,
-    delayed,
-    eventually,
-    hang,
-    metric,
-    pool_settled,
-    raw_request,
-    respond,
-    stale_after_first,
-)
+from tests.support.metrics import metric
+from tests.support.net import eventually
+from tests.support.relays import pool_settled, RunningRelay, StartRelay
+from tests.support.scripted import delayed, hang, Request, respond, ScriptedUpstream, stale_after_first, Writer
+from tests.support.wire import raw_request
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 

@@ -25,10 +25,10 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from service import admin, workers
 from service.pod import PodTable, WorkerState
-from tests.harness import RelayProcess, free_port, spawn_relay
-from tests.test_metrics import samples, value
-from tests.test_metrics_live import demo_config, scrape, worker_processes
-from tests.tools import require_tool
+from tests.support.metrics import samples, scrape, value
+from tests.support.net import free_port
+from tests.support.relays import demo_config, RelayProcess, spawn_relay, worker_processes
+from tests.support.tools import require_tool
 
 PROCESS_METRICS = (
     "process_cpu_seconds_total",
@@ -38,7 +38,6 @@ PROCESS_METRICS = (
     "process_max_fds",
     "process_start_time_seconds",
 )
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def by_worker(m: Samples, name: str) -> dict[str, float]:
@@ -49,13 +48,6 @@ def get_fresh(url: str) -> httpx.Response:
     """GET on a connection of its own, so that any worker may take it."""
     with httpx.Client(timeout=10) as client:
         return client.get(url)
-
-
-def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def slot_of(relay: RelayProcess, pid: int) -> str:
@@ -77,7 +69,7 @@ def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path
     # Every worker takes START_DELAY_SECONDS to open its pools: the replacement is visibly
     # "starting" (its admin listener answers, its proxy listener does not accept yet) for
     # that long, next to a ready worker.
-    config = demo_config(workers=2, app_hook="tests.worker_hooks:slow_start")
+    config = demo_config(workers=2, app_hook="tests.support.worker_hooks:slow_start")
     prom = tmp_path / "prom"
     with spawn_relay(config, tmp_path, multiproc_env(tmp_path)) as relay:
         wait_until(lambda: len(relay.messages("ready: ")) == 2, 30, "both workers ready")
@@ -147,7 +139,7 @@ def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(
 
 
 def test_a_worker_that_keeps_crashing_at_start_stops_the_pod(tmp_path: Path) -> None:
-    config = demo_config(workers=2, app_hook="tests.worker_hooks:crash")
+    config = demo_config(workers=2, app_hook="tests.support.worker_hooks:crash")
     config["server"].update(
         host="127.0.0.1", port=free_port(), admin_host="127.0.0.1", admin_port=free_port()
     )

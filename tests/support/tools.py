@@ -10,7 +10,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.tiers import require_live
+
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS_FILE = ROOT / ".ci" / "tools"
 
 
@@ -27,6 +29,7 @@ def apt_packages() -> dict[str, str]:
 
 def require_tool(command: str) -> str:
     """The path of ``command``; fails the test naming what provides it."""
+    require_live(command)
     path = shutil.which(command)
     if path is None:
         package = apt_packages().get(command)

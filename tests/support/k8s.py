@@ -9,9 +9,8 @@ from typing import Any
 
 import yaml
 
-from tests.tools import require_tool
+from tests.support.tools import ROOT, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["base", "overlays/dev", "overlays/production", "overlays/local"]
 
 
