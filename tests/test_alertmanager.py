@@ -5,7 +5,6 @@ incident to one notification in a real Alertmanager."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 import time
@@ -19,7 +18,9 @@ import pytest
 
 from tests.support.net import free_port
 from tests.support.rules import overlay_groups, rules_of
-from tests.support.tools import ROOT
+from tests.support.tools import ROOT, require_tool
+
+pytestmark = pytest.mark.live
 
 CONFIG = ROOT / "alerts" / "alertmanager.yaml"
 RECEIVERS = {
@@ -44,7 +45,10 @@ def routed_to(labels: dict[str, str]) -> str:
 
 def test_amtool_check_config() -> None:
     result = subprocess.run(
-        [require_tool("amtool"), "check-config", str(CONFIG)], capture_output=True, text=True, timeout=30
+        [require_tool("amtool"), "check-config", str(CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout and "4 inhibit rules" in result.stdout

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from service.app import Relay
 from service.config import Settings
 from tests.support.relays import one_upstream, run_relay
-from tests.support.scripted import respond, ScriptedUpstream
+from tests.support.scripted import ScriptedUpstream, respond
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 HOOK = "tests.support.app_hook_example:customize"
@@ -45,6 +45,7 @@ def test_relay_is_a_fastapi_app_whose_default_is_the_proxy() -> None:
     assert relay.app.openapi_url is None  # no schema or docs routes shadow upstream paths
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     ("hook", "message"),
     [

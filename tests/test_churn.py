@@ -18,7 +18,7 @@ from service.config import UpstreamConfig
 from service.upstreams import Upstream, _NullObserver
 from tests.support.net import eventually
 from tests.support.relays import run_relay
-from tests.support.scripted import respond, ScriptedUpstream
+from tests.support.scripted import ScriptedUpstream, respond
 
 CHURN_SECONDS = 2.0
 

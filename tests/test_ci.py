@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tools import apt_packages, ROOT
+from tests.support.tools import ROOT, apt_packages
+
+pytestmark = pytest.mark.live
 
 NOBODY = 65534
 

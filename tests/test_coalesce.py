@@ -8,7 +8,7 @@ import httpx
 
 from service.coalesce import FLUSH_BYTES, CoalescingWriter
 from tests.support.relays import one_upstream, run_relay
-from tests.support.scripted import endless_stream, respond, ScriptedUpstream
+from tests.support.scripted import ScriptedUpstream, endless_stream, respond
 
 
 class RecordingTransport(asyncio.Transport):

@@ -12,9 +12,18 @@ import pytest
 
 from tests.support.metrics import metric
 from tests.support.net import eventually, unaccepting_listener
-from tests.support.relays import one_upstream, pool_settled, run_relay, RunningRelay
-from tests.support.scripted import delayed, endless_stream, hang, Request, reset_mid_body, respond, ScriptedUpstream, Writer
-from tests.support.wire import raw_request
+from tests.support.relays import RunningRelay, one_upstream, pool_settled, run_relay
+from tests.support.scripted import (
+    Request,
+    ScriptedUpstream,
+    Writer,
+    delayed,
+    endless_stream,
+    hang,
+    reset_mid_body,
+    respond,
+)
+from tests.support.wire import connect, raw_request
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 

@@ -1,7 +1,7 @@
-"""Fault injection, both transports: every upstream fault (tests/chaos.py) ends in the right
-status or a truncated response, is counted under the right reason and disconnect phase,
-logs no error, returns every pool slot, and leaves well-behaved requests running at the same
-time (to another upstream and to the faulty one) byte-exact."""
+"""Fault injection, both transports: every upstream fault (tests/support/chaos.py) ends in
+the right status or a truncated response, is counted under the right reason and disconnect
+phase, logs no error, returns every pool slot, and leaves well-behaved requests running at
+the same time (to another upstream and to the faulty one) byte-exact."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import httpx
 import pytest
 
 from service.errors import FAILURES, Reason
-from tests.support.chaos import ChaosUpstream, payload, SMUGGLED
+from tests.support.chaos import SMUGGLED, ChaosUpstream, payload
 from tests.support.metrics import metric
 from tests.support.net import closed_port, eventually
-from tests.support.relays import pool_settled, run_relay, RunningRelay
+from tests.support.relays import RunningRelay, pool_settled, run_relay
+from tests.support.wire import connect
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -255,7 +256,8 @@ async def test_bytes_past_the_body_never_reach_the_next_request(transport: str) 
         for i in range(2):
             outcome = await fetch(f"{w.relay.url}/long/1000/50", client=client)
             assert (outcome.status, outcome.body) == (200, payload("long", 1000))
-            await asyncio.sleep(0.2)  # the excess arrives while the connection is idle
+            # The excess arrives while the connection is idle in the pool.
+            await eventually(lambda: w.chaos.smuggled == i + 1)  # noqa: B023
             for j in range(3):
                 tag = f"after-{i}-{j}"
                 answer = await fetch(f"{w.relay.url}/ok/100/{tag}", client=client)

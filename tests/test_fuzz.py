@@ -34,7 +34,7 @@ from service.headers import (
     upstream_request_headers,
 )
 from service.routing import Router, path_problem, rewrite_path, routing_path
-from tests.support.recording import recording_upstream_thread, RecordingUpstream, Seen
+from tests.support.recording import RecordingUpstream, Seen, recording_upstream_thread
 from tests.support.relays import RelayProcess, spawn_relay
 
 # Derandomized: the same examples on every run, so a red CI always means a change broke
@@ -352,6 +352,7 @@ def live(
             yield relay, upstream
 
 
+@pytest.mark.live
 @settings(
     max_examples=120,
     deadline=None,
@@ -378,6 +379,7 @@ def test_live_fuzz_of_raw_request_heads(
     assert relay.process.poll() is None, relay.log()
 
 
+@pytest.mark.live
 def test_the_fuzzed_proxy_logged_no_errors(live: tuple[RelayProcess, RecordingUpstream]) -> None:
     relay, _ = live
     errors = [line for line in relay.log().splitlines() if '"level": "ERROR"' in line]

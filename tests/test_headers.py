@@ -17,8 +17,8 @@ from service.headers import (
     has_body,
     upstream_request_headers,
 )
-from tests.support.relays import one_upstream, run_relay, RunningRelay
-from tests.support.scripted import echo, Request, respond, ScriptedUpstream, send_raw, Writer
+from tests.support.relays import RunningRelay, one_upstream, run_relay
+from tests.support.scripted import Request, ScriptedUpstream, Writer, echo, respond, send_raw
 from tests.support.wire import raw_exchange
 
 CTX = RequestContext(peer="203.0.113.7", scheme="https", http_version="1.1", host=b"edge.example")

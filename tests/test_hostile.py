@@ -28,9 +28,11 @@ from service.routing import path_problem, routing_path
 from tests.support.metrics import metric
 from tests.support.net import eventually
 from tests.support.recording import ConnectionLog, RecordingUpstream
-from tests.support.relays import run_relay, RunningRelay
+from tests.support.relays import RunningRelay, run_relay
+from tests.support.wire import Response, chunked, connect, exchange, head, read_response
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
+
 
 @asynccontextmanager
 async def proxy(**config: Any) -> AsyncIterator[tuple[RunningRelay, RecordingUpstream]]:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.metrics import exposition_async, samples, scrape_async, value
+from tests.support.metrics import exposition_async, scrape_async, value
 from tests.support.net import closed_port, eventually
 from tests.support.relays import RunningRelay, run_relay
 from tests.support.scripted import (
@@ -193,6 +193,7 @@ async def test_openmetrics_when_asked(mix: tuple[RunningRelay, ScriptedUpstream]
     assert slash.status_code == 404  # exact route, no redirect
 
 
+@pytest.mark.live
 async def test_promtool_accepts_exposition(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, upstream = mix
     await drive_mix(running, upstream)
@@ -224,8 +225,8 @@ async def test_counters_start_at_zero_for_every_configured_upstream_and_route() 
             {"prefix": "/", "upstream": "web"},
         ],
     }
-    async with run_relay(config) as relay, httpx.AsyncClient() as client:
-        got = samples((await client.get(f"{relay.admin_url}/metrics")).text)
+    async with run_relay(config) as relay:
+        got = await scrape_async(relay.admin_url)
 
     def series(name: str, **labels: str) -> float | None:
         return got.get((name, frozenset(labels.items())))

@@ -22,13 +22,29 @@ import psutil
 import pytest
 import yaml
 
-from tests.support.dashboards import annotation_queries, DASHBOARDS, load, panel_queries
+from tests.support.dashboards import DASHBOARDS, annotation_queries, load, panel_queries
 from tests.support.net import closed_port, eventually
-from tests.support.prometheus import prometheus, Prometheus
-from tests.support.relays import RelayProcess, run_relay, RunningRelay, spawn_relay, worker_processes
+from tests.support.prometheus import Prometheus, prometheus
+from tests.support.relays import (
+    RelayProcess,
+    RunningRelay,
+    run_relay,
+    spawn_relay,
+    worker_processes,
+)
 from tests.support.rules import plain_groups
-from tests.support.scripted import delayed, endless_stream, hang, reset_mid_body, respond, ScriptedUpstream, stale_after_first
+from tests.support.scripted import (
+    ScriptedUpstream,
+    delayed,
+    endless_stream,
+    hang,
+    reset_mid_body,
+    respond,
+    stale_after_first,
+)
 from tests.support.wire import raw_request
+
+pytestmark = pytest.mark.live
 
 
 def shipped_rules(tmp_path: Path) -> Path:

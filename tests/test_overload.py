@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -17,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.gate import Gate, GateFull, GateTimeout
+from tests.support.metrics import scrape_async, value
 from tests.support.net import eventually
 from tests.support.relays import one_upstream, spawn_relay
-from tests.support.scripted import Request, respond, ScriptedUpstream, Writer
+from tests.support.scripted import Request, ScriptedUpstream, Writer, respond
+from tests.support.wire import Reply, Unanswered, connect, fetch, read_all, refused
 
 FLOOD = 300
 MIB = 1 << 20
@@ -109,6 +108,7 @@ async def warm_up(url: str) -> None:
 # -- pool level: max_waiting ----------------------------------------------------------------
 
 
+@pytest.mark.live
 async def test_a_full_pool_queue_sheds_the_excess_at_once(
     tmp_path: Path, held_upstream: HeldUpstream
 ) -> None:
@@ -172,6 +172,7 @@ async def test_a_full_pool_queue_sheds_the_excess_at_once(
 # -- server level: limit_concurrency --------------------------------------------------------
 
 
+@pytest.mark.live
 async def test_server_concurrency_limit_sheds_the_excess_at_once(
     tmp_path: Path, held_upstream: HeldUpstream
 ) -> None:
@@ -290,6 +291,7 @@ async def client_loop(url: str, n: int, result: LoadResult, closed: list[float])
             result.ok_after_close += 1
 
 
+@pytest.mark.live
 async def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
     result, closed = LoadResult(), []
     upstream = ScriptedUpstream({"/data": result.answer_slowly})
@@ -325,6 +327,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> N
     assert "Traceback" not in log
 
 
+@pytest.mark.live
 async def test_a_connection_accepted_before_the_listener_closed_is_served(
     tmp_path: Path,
 ) -> None:

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.support.relays import one_upstream, run_relay, RunningRelay
-from tests.support.scripted import echo, Request, respond, ScriptedUpstream, Writer
-from tests.support.wire import raw_exchange
+from tests.support.relays import RunningRelay, one_upstream, run_relay
+from tests.support.scripted import Request, ScriptedUpstream, Writer, echo, respond
+from tests.support.wire import connect, raw_exchange
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 

@@ -9,13 +9,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.net import free_port, wait_http
-from tests.support.relays import spawn_relay
+from tests.support.net import free_port, wait_http, wait_until
+from tests.support.relays import demo_config, spawn_relay
+from tests.support.wire import refused
+
+pytestmark = pytest.mark.live
+
+# Long enough that a loaded machine serves the checks made during the drain delay within it.
+DRAIN = 4
 
 
 def test_builtin_default_serves_the_demo_upstream(tmp_path: Path) -> None:
@@ -72,7 +77,7 @@ def stream_lines(url: str, started: threading.Event, result: dict[str, object]) 
 
 
 def test_sigterm_drains_without_losing_in_flight_streams(tmp_path: Path) -> None:
-    config = demo_config(drain_delay_seconds=2, grace_period_seconds=15)
+    config = demo_config(drain_delay_seconds=DRAIN, grace_period_seconds=15)
     with spawn_relay(config, tmp_path) as relay:
         started, result = threading.Event(), {}
         streamer = threading.Thread(
@@ -83,17 +88,14 @@ def test_sigterm_drains_without_losing_in_flight_streams(tmp_path: Path) -> None
         signalled = time.monotonic()
         relay.process.send_signal(signal.SIGTERM)
 
-        wait_http(f"{relay.admin_url}/readyz", within=0.5, status=503)
+        wait_http(f"{relay.admin_url}/readyz", within=DRAIN / 2, status=503)
         # Still accepting new connections during the drain delay, so load balancers that
         # have not yet seen the readiness change lose nothing.
         for _ in range(3):
             assert httpx.get(f"{relay.url}/").status_code == 200
-        assert time.monotonic() - signalled < 1.9
-        deadline = time.monotonic() + 10
-        while not refused(f"{relay.url}/"):
-            assert time.monotonic() < deadline, "listener never closed"
-            time.sleep(0.05)
-        assert time.monotonic() - signalled >= 1.9
+        assert time.monotonic() - signalled < DRAIN - 0.1
+        wait_until(lambda: refused(f"{relay.url}/"), 10, "listener never closed")
+        assert time.monotonic() - signalled >= DRAIN - 0.1
         # Listener closed, but the process waits for the in-flight stream.
         assert streamer.is_alive()
         assert relay.process.poll() is None

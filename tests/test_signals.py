@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from tests.support.net import eventually
-from tests.support.relays import one_upstream, RelayProcess, run_relay, spawn_relay
-from tests.support.scripted import delayed, endless_stream, hang, respond, ScriptedUpstream
+from tests.support.relays import RelayProcess, one_upstream, run_relay, spawn_relay
+from tests.support.scripted import ScriptedUpstream, delayed, endless_stream, hang, respond
 
 IN_FLIGHT = 8
 BODY = b"slow but complete"
@@ -88,6 +88,7 @@ async def _close_after(client: httpx.AsyncClient, tasks: list[asyncio.Task[Any]]
     await client.aclose()
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     ("workers", "how"),
     [(2, "group"), (2, "supervisor"), (2, "group-term"), (1, "group"), (1, "supervisor")],
@@ -115,6 +116,7 @@ async def test_one_signal_is_one_graceful_drain(tmp_path: Path, workers: int, ho
     assert [(line["status"], line["outcome"]) for line in access] == [(200, "ok")] * IN_FLIGHT
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     ("workers", "how"), [(2, "group"), (2, "supervisor"), (1, "group"), (1, "supervisor")]
 )

@@ -27,6 +27,8 @@ from service.listeners import EXIT_CANNOT_START
 from tests.support.net import free_port, wait_http
 from tests.support.relays import spawn_relay
 
+pytestmark = pytest.mark.live
+
 RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 

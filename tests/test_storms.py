@@ -16,7 +16,8 @@ import pytest
 from tests.support.chaos import ChaosUpstream, payload
 from tests.support.metrics import metric
 from tests.support.net import eventually
-from tests.support.relays import pool_settled, run_relay, RunningRelay
+from tests.support.relays import RunningRelay, pool_settled, run_relay
+from tests.support.wire import connect
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 

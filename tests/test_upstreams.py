@@ -10,8 +10,16 @@ import pytest
 
 from tests.support.metrics import metric
 from tests.support.net import eventually
-from tests.support.relays import pool_settled, RunningRelay, StartRelay
-from tests.support.scripted import delayed, hang, Request, respond, ScriptedUpstream, stale_after_first, Writer
+from tests.support.relays import RunningRelay, StartRelay, pool_settled
+from tests.support.scripted import (
+    Request,
+    ScriptedUpstream,
+    Writer,
+    delayed,
+    hang,
+    respond,
+    stale_after_first,
+)
 from tests.support.wire import raw_request
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,9 +24,9 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from service import admin, workers
 from service.pod import PodTable, WorkerState
-from tests.support.metrics import samples, scrape, value
-from tests.support.net import free_port
-from tests.support.relays import demo_config, RelayProcess, spawn_relay, worker_processes
+from tests.support.metrics import Samples, exposition, samples, scrape, value
+from tests.support.net import free_port, wait_until
+from tests.support.relays import RelayProcess, demo_config, spawn_relay, worker_processes
 from tests.support.tools import require_tool
 
 PROCESS_METRICS = (
@@ -65,6 +64,7 @@ def multiproc_env(tmp_path: Path) -> dict[str, str]:
 # -- a worker dies ---------------------------------------------------------------------------
 
 
+@pytest.mark.live
 def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path: Path) -> None:
     # Every worker takes START_DELAY_SECONDS to open its pools: the replacement is visibly
     # "starting" (its admin listener answers, its proxy listener does not accept yet) for
@@ -105,7 +105,7 @@ def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path
         assert value(after, "relay_worker_restarts_total") == 1
         lint = subprocess.run(
             [require_tool("promtool"), "check", "metrics"],
-            input=httpx.get(f"{relay.admin_url}/metrics").text,
+            input=exposition(relay.admin_url),
             capture_output=True,
             text=True,
             timeout=30,
@@ -123,6 +123,7 @@ def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path
     assert len(respawned) == 1 and respawned[0].endswith("restarting it in 0.5s"), respawned
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("multiprocess", [False, True])
 def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(
     tmp_path: Path, multiprocess: bool
@@ -138,6 +139,7 @@ def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(
 # -- a worker keeps dying ----------------------------------------------------------------------
 
 
+@pytest.mark.live
 def test_a_worker_that_keeps_crashing_at_start_stops_the_pod(tmp_path: Path) -> None:
     config = demo_config(workers=2, app_hook="tests.support.worker_hooks:crash")
     config["server"].update(
@@ -248,6 +250,7 @@ def cpu_of_other_threads(process: psutil.Process) -> float:
     return sum(t.user_time + t.system_time for t in process.threads() if t.id != process.pid)
 
 
+@pytest.mark.live
 def test_metrics_merge_in_a_thread_while_the_loop_serves(tmp_path: Path) -> None:
     # One process in multiprocess mode: the loop that would run a merge on it is the one
     # that serves every proxied request (and the demo upstream behind it).
@@ -270,6 +273,7 @@ def test_metrics_merge_in_a_thread_while_the_loop_serves(tmp_path: Path) -> None
     assert value(samples(response.text), "relay_test_filler_total") == files * FILLER_KEYS
 
 
+@pytest.mark.live
 def test_concurrent_scrapes_are_bounded(tmp_path: Path) -> None:
     with spawn_relay(demo_config(), tmp_path, multiproc_env(tmp_path)) as relay:
         fill(tmp_path / "prom", 600)  # each merge outlasts the arrival of all the scrapes

@@ -72,6 +72,7 @@ class ChaosUpstream(LoopbackServer):
     open_connections: int = 0
     peak_connections: int = 0
     incomplete_requests: int = 0  # connections that ended mid request (head or body)
+    smuggled: int = 0  # ``/long`` excess responses written
     _rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -190,6 +191,8 @@ class ChaosUpstream(LoopbackServer):
                 await writer.drain()
                 await asyncio.sleep(delay)
             writer.write(SMUGGLED)
+            await writer.drain()
+            self.smuggled += 1
         elif kind == "stream":
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
             chunk = b"%x\r\n%s\r\n" % (len(STREAM_CHUNK), STREAM_CHUNK)

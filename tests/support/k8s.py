@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import yaml

@@ -149,4 +149,3 @@ async def reset_mid_body(request: Request, writer: Writer) -> None:
     await writer.drain()
     await asyncio.sleep(0.05)  # the bytes reach the proxy before the RST does
     abort_with_reset(writer)
-

@@ -8,6 +8,7 @@ naming the package.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from tests.support.tiers import require_live
@@ -38,4 +39,12 @@ def require_tool(command: str) -> str:
             f"{command} not found on PATH: it comes with the Debian package {package}, "
             "which .ci/test (the README's test command) installs"
         )
+    return path
+
+
+def python_tool(command: str) -> str:
+    """The path of a command the test extra installs (checkov, kubernetes-validate)."""
+    require_live(command)
+    path = shutil.which(command) or str(Path(sys.executable).with_name(command))
+    assert Path(path).exists(), f"{command} not found: pip install -e '.[test]' installs it"
     return path
