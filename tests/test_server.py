@@ -21,6 +21,8 @@ pytestmark = pytest.mark.live
 
 # Long enough that a loaded machine serves the checks made during the drain delay within it.
 DRAIN = 4
+# A demo stream sends a line every 50 ms: this one outlasts the drain delay by 6 s.
+STREAM_LINES = 200
 
 
 def test_builtin_default_serves_the_demo_upstream(tmp_path: Path) -> None:
@@ -81,7 +83,7 @@ def test_sigterm_drains_without_losing_in_flight_streams(tmp_path: Path) -> None
     with spawn_relay(config, tmp_path) as relay:
         started, result = threading.Event(), {}
         streamer = threading.Thread(
-            target=stream_lines, args=(f"{relay.url}/stream/100", started, result)
+            target=stream_lines, args=(f"{relay.url}/stream/{STREAM_LINES}", started, result)
         )
         streamer.start()
         assert started.wait(10)
@@ -102,7 +104,7 @@ def test_sigterm_drains_without_losing_in_flight_streams(tmp_path: Path) -> None
 
         streamer.join(timeout=20)
         assert "error" not in result, result
-        assert result["lines"] == [f"line {i}" for i in range(100)]
+        assert result["lines"] == [f"line {i}" for i in range(STREAM_LINES)]
         assert relay.process.wait(timeout=20) == 0
         assert "Traceback" not in relay.log()
 

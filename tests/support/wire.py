@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from tests.support.net import eventually
 
@@ -17,17 +18,22 @@ Response = tuple[int, dict[str, str], bytes]
 SENTINEL = b"GET /sentinel HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
 
 
+def address(url: str) -> tuple[str, int]:
+    """Host and port of ``http://host:port[/path]``."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None, url
+    return parts.hostname, parts.port
+
+
 async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A fresh connection to ``http://host:port``."""
-    host, port = url.removeprefix("http://").split(":")
-    return await asyncio.open_connection(host, int(port))
+    """A fresh connection to the server of ``url``."""
+    return await asyncio.open_connection(*address(url))
 
 
 def refused(url: str) -> bool:
-    """Nothing accepts connections at ``http://host:port`` (the listener is closed)."""
-    host, port = url.removeprefix("http://").split(":")
+    """Nothing accepts connections at the server of ``url`` (its listener is closed)."""
     with socket.socket() as sock:
-        return sock.connect_ex((host, int(port))) != 0
+        return sock.connect_ex(address(url)) != 0
 
 
 def head(*lines: str, body: bytes = b"") -> bytes:
