@@ -6,12 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
 from service.app import Relay
 from service.config import Settings
+from tests.support.http import http_client
 from tests.support.relays import one_upstream, run_relay
 from tests.support.scripted import ScriptedUpstream, respond
 
@@ -24,7 +24,7 @@ async def test_app_hook_routes_and_middleware_beside_the_proxy() -> None:
     config = {**one_upstream("http://placeholder"), "server": {"app_hook": HOOK}}
     async with upstream.running():
         config["upstreams"]["up"]["url"] = upstream.url
-        async with run_relay(config) as relay, httpx.AsyncClient() as client:
+        async with run_relay(config) as relay, http_client() as client:
             assert isinstance(relay.relay.app, FastAPI)
             own = await client.get(f"{relay.url}/_relay/hello")
             proxied = await client.get(f"{relay.url}/x")

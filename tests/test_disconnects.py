@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from tests.support.http import http_client
 from tests.support.metrics import metric
 from tests.support.net import eventually, unaccepting_listener
 from tests.support.relays import RunningRelay, one_upstream, pool_settled, run_relay
@@ -59,7 +60,7 @@ async def relay(transport: str) -> AsyncIterator[tuple[RunningRelay, ScriptedUps
 
 
 async def still_serves(relay: RunningRelay) -> None:
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with http_client(timeout=5) as client:
         response = await client.get(f"{relay.url}/ok")
     assert response.content == b"ok"
 
@@ -89,7 +90,7 @@ async def test_client_gone_while_connecting(transport: str) -> None:
             await eventually(lambda: pool_settled(running))
             # The one slot is free: the next request gets its own connect attempt (and its
             # timeout), not a 503 for a pool still held by the abandoned one.
-            async with httpx.AsyncClient(timeout=10) as client:
+            async with http_client(timeout=10) as client:
                 response = await client.get(f"{running.url}/x")
             assert response.status_code == 504
             assert "error=connection_timeout" in response.headers["proxy-status"]
@@ -130,7 +131,7 @@ async def test_upstream_fails_mid_stream(
     relay: tuple[RunningRelay, ScriptedUpstream], path: str
 ) -> None:
     running, upstream = relay
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with http_client(timeout=10) as client:
         async with client.stream("GET", f"{running.url}{path}") as response:
             assert response.status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
@@ -154,7 +155,7 @@ async def test_cancelled_waiters_never_leak_pool_slots(transport: str, how: str)
         async with run_relay(config) as running:
             gate = running.relay.upstreams()["up"]
             give_up = asyncio.Event()
-            client = httpx.AsyncClient(timeout=30)
+            client = http_client(timeout=30)
 
             async def one_client() -> None:
                 if how == "abort-sockets":
@@ -178,7 +179,7 @@ async def test_cancelled_waiters_never_leak_pool_slots(transport: str, how: str)
             assert len(upstream.seen) == 2  # the queued requests never reached it
 
             # Both slots really are free again: twice the pool size, all served in time.
-            async with httpx.AsyncClient(timeout=10) as fresh:
+            async with http_client(timeout=10) as fresh:
                 responses = await asyncio.gather(
                     *(fresh.get(f"{running.url}/slow") for _ in range(4))
                 )

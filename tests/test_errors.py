@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.http import http_client
 from tests.support.metrics import exposition_async
 from tests.support.net import closed_port, eventually, unaccepting_listener
 from tests.support.relays import StartRelay, one_upstream, pool_settled, run_relay
@@ -53,7 +54,7 @@ async def bad_chunk_mid_body(request: Request, writer: Writer) -> None:
 
 async def timed_get(url: str, **kwargs: Any) -> tuple[httpx.Response, float]:
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with http_client(timeout=10) as client:
         response = await client.get(url, **kwargs)
     return response, time.monotonic() - started
 
@@ -137,7 +138,7 @@ async def test_write_timeout_when_upstream_stops_reading_is_504(transport: str) 
             yield b"w" * (1 << 20)
 
     try:
-        async with run_relay(config) as relay, httpx.AsyncClient(timeout=10) as client:
+        async with run_relay(config) as relay, http_client(timeout=10) as client:
             try:
                 response: httpx.Response | None = await client.post(
                     f"{relay.url}/upload", content=body()
@@ -187,7 +188,7 @@ async def test_failure_after_headers_truncates_the_response(
     received = b""
     started = time.monotonic()
     async with (
-        httpx.AsyncClient(timeout=10) as client,
+        http_client(timeout=10) as client,
         client.stream("GET", f"{relay.url}/x") as response,
     ):
         assert response.status_code == 200

@@ -17,6 +17,7 @@ import pytest
 
 from service.errors import FAILURES, Reason
 from tests.support.chaos import SMUGGLED, ChaosUpstream, payload
+from tests.support.http import http_client
 from tests.support.metrics import metric
 from tests.support.net import closed_port, eventually
 from tests.support.relays import RunningRelay, pool_settled, run_relay
@@ -112,7 +113,7 @@ class Traffic:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Traffic:
-        self._client = httpx.AsyncClient(timeout=10)
+        self._client = http_client(timeout=10)
         self._tasks = [asyncio.create_task(self._worker(w)) for w in range(4)]
         await eventually(lambda: self.done >= 4)
         return self
@@ -159,7 +160,7 @@ async def fetch(
 ) -> Outcome:
     """The response as far as it came: a cut after the headers is ``complete=False``."""
     if client is None:
-        async with httpx.AsyncClient(timeout=10) as own:
+        async with http_client(timeout=10) as own:
             return await fetch(url, method, content, own)
     async with client.stream(method, url, content=content) as response:
         body = b""
@@ -252,7 +253,7 @@ async def test_bytes_past_the_body_never_reach_the_next_request(transport: str) 
     """An upstream that sends more than its Content-Length, a moment later, while the
     connection is idle in the pool: the excess (a complete response) must not be taken as
     the answer to the next request on that connection."""
-    async with world(transport, pool=1) as w, httpx.AsyncClient(timeout=10) as client:
+    async with world(transport, pool=1) as w, http_client(timeout=10) as client:
         for i in range(2):
             outcome = await fetch(f"{w.relay.url}/long/1000/50", client=client)
             assert (outcome.status, outcome.body) == (200, payload("long", 1000))
@@ -312,7 +313,7 @@ async def test_stale_keepalive_race(transport: str) -> None:
         results: list[tuple[str, str, bytes, Outcome]] = []
         async with (
             Traffic(w.relay.url, seed=1109, chaos_too=False) as traffic,
-            httpx.AsyncClient(timeout=10) as client,
+            http_client(timeout=10) as client,
         ):
             for i in range(100):
                 method = rng.choice(BODILESS + WITH_BODY)
@@ -355,7 +356,7 @@ async def test_stale_retry_never_lands_on_another_stale_connection(transport: st
     retry goes out on a new connection, so an idempotent bodiless request never fails."""
     async with (
         world(transport, seed=3, pool=4, stale_ratio=0.3) as w,
-        httpx.AsyncClient(timeout=10) as client,
+        http_client(timeout=10) as client,
     ):
 
         async def sequence(worker: int) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.http import http_client
 from tests.support.metrics import exposition_async, scrape_async, value
 from tests.support.net import closed_port, eventually
 from tests.support.relays import RunningRelay, run_relay
@@ -60,7 +61,7 @@ async def mix() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
 
 
 async def drive_mix(running: RunningRelay, upstream: ScriptedUpstream) -> None:
-    async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+    async with http_client(base_url=running.url, timeout=10) as client:
         for _ in range(N_OK):
             assert (await client.get("/ok")).status_code == 200
         for _ in range(N_MISSING):
@@ -150,7 +151,7 @@ async def test_pool_timeout_and_saturation_counted() -> None:
             },
             "routes": [{"prefix": "/", "upstream": "a"}],
         }
-        async with run_relay(config) as running, httpx.AsyncClient(timeout=5) as client:
+        async with run_relay(config) as running, http_client(timeout=5) as client:
             first = asyncio.create_task(client.get(f"{running.url}/slow"))
             await eventually(lambda: running.relay.upstreams()["a"].snapshot().in_use == 1)
             m = await scrape_async(running.admin_url)
@@ -171,7 +172,7 @@ async def test_pool_timeout_and_saturation_counted() -> None:
 
 async def test_unknown_methods_are_folded(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, _ = mix
-    async with httpx.AsyncClient(base_url=running.url) as client:
+    async with http_client(base_url=running.url) as client:
         await client.request("PROPFIND", "/ok")
         await client.request("PURGE", "/ok")
     m = await scrape_async(running.admin_url)
@@ -181,7 +182,7 @@ async def test_unknown_methods_are_folded(mix: tuple[RunningRelay, ScriptedUpstr
 
 async def test_openmetrics_when_asked(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, _ = mix
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         plain = await client.get(f"{running.admin_url}/metrics")
         om = await client.get(
             f"{running.admin_url}/metrics", headers={"accept": "application/openmetrics-text"}

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.http import http_client
 from tests.support.net import eventually
 from tests.support.relays import RelayProcess, one_upstream, run_relay, spawn_relay
 from tests.support.scripted import ScriptedUpstream, delayed, endless_stream, hang, respond
@@ -72,7 +73,7 @@ def problems(relay: RelayProcess) -> list[str]:
 
 
 async def send_all(url: str, count: int) -> list[asyncio.Task[httpx.Response]]:
-    client = httpx.AsyncClient(timeout=60)
+    client = http_client(timeout=60)
 
     async def one(index: int) -> httpx.Response:
         return await client.get(f"{url}/slow/{index}")
@@ -162,7 +163,7 @@ async def test_cut_requests_are_answered_and_counted_as_such(
     config = {**one_upstream(upstream.url), "server": {"grace_period_seconds": 60}}
     async with (
         run_relay(config) as running,
-        httpx.AsyncClient(base_url=running.url, timeout=30) as client,
+        http_client(base_url=running.url, timeout=30) as client,
     ):
         waiting = [asyncio.create_task(client.get("/hang")) for _ in range(3)]
         chunks: list[bytes] = []

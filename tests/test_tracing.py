@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from service.tracing import Instrumentation, exporter_from_env
+from tests.support.http import http_client
 from tests.support.net import closed_port, eventually, wait_until
 from tests.support.otlp import ReceivedSpan, otlp_receiver
 from tests.support.relays import RunningRelay, demo_config, one_upstream, run_relay, spawn_relay
@@ -71,7 +72,7 @@ async def test_one_server_and_one_client_span(
     traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter], mode: Instrumentation
 ) -> None:
     running, upstream, exporter = traced
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         assert (await client.get(f"{running.url}/ok?x=1")).status_code == 200
     await eventually(lambda: len(exporter.get_finished_spans()) == 2)
     spans = exporter.get_finished_spans()
@@ -106,7 +107,7 @@ async def test_inbound_traceparent_is_continued_not_forwarded(
 ) -> None:
     running, upstream, exporter = traced
     inbound = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         await client.get(f"{running.url}/ok", headers={"traceparent": inbound})
     await eventually(lambda: len(exporter.get_finished_spans()) == 2)
     (server,) = by_kind(exporter.get_finished_spans(), SpanKind.SERVER)
@@ -121,7 +122,7 @@ async def test_retry_shows_two_client_spans(
     traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
 ) -> None:
     running, _, exporter = traced
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         assert (await client.get(f"{running.url}/stale")).status_code == 200
         exporter.clear()
         assert (await client.get(f"{running.url}/stale")).status_code == 200
@@ -141,7 +142,7 @@ async def test_errors_recorded_with_reason(
     traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
 ) -> None:
     running, _, exporter = traced
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         assert (await client.get(f"{running.url}/dead/x")).status_code == 502
     await eventually(lambda: len(by_kind(exporter.get_finished_spans(), SpanKind.SERVER)) == 1)
     spans = exporter.get_finished_spans()
@@ -171,7 +172,7 @@ async def test_admin_endpoints_are_not_traced(
     traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
 ) -> None:
     running, _, exporter = traced
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         for path in ("/healthz", "/readyz", "/metrics"):
             assert (await client.get(f"{running.admin_url}{path}")).status_code == 200
     assert exporter.get_finished_spans() == ()
@@ -341,7 +342,7 @@ async def test_unsampled_requests_still_carry_trace_context(
     async with (
         upstream.running(),
         run_relay(one_upstream(upstream.url), tracing=tracing) as running,
-        httpx.AsyncClient() as client,
+        http_client() as client,
     ):
         response = await client.get(f"{running.url}/ok")
         assert response.status_code == 200, response.text
@@ -358,7 +359,7 @@ async def test_sampled_spans_carry_http_attributes(
     traced: tuple[RunningRelay, ScriptedUpstream, InMemorySpanExporter],
 ) -> None:
     running, _, exporter = traced
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         await client.get(f"{running.url}/ok?q=1", headers={"user-agent": "probe/1"})
     await eventually(lambda: len(exporter.get_finished_spans()) == 2)
     spans = exporter.get_finished_spans()

@@ -8,6 +8,8 @@ from typing import Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.http import http_client
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 """(sample name, its label pairs) -> value."""
 
@@ -35,7 +37,7 @@ def exposition(admin_url: str) -> str:
 
 async def exposition_async(admin_url: str) -> str:
     """The text of ``/metrics``, from inside the event loop."""
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with http_client(timeout=5) as client:
         response = await client.get(f"{admin_url}/metrics")
     return response.raise_for_status().text
 

@@ -1,5 +1,5 @@
-"""The two test tiers. ``python -m pytest -m "not live"`` is the fast tier: everything in the
-test process over loopback sockets. A ``live`` test starts something else: a relay process,
+"""The two test tiers. ``python -m pytest -m "not live"`` is the fast tier: the proxy in the
+test process, over loopback sockets. A ``live`` test starts something else: a relay process,
 Prometheus, Alertmanager, promtool, kubectl, checkov, tsc, the soak.
 
 The helpers that start such things call ``require_live``: in a test without the ``live``
@@ -24,5 +24,5 @@ def require_live(what: str) -> None:
     if item is not None and item.get_closest_marker("live") is None:
         raise AssertionError(
             f"{item.nodeid} starts {what}: mark it @pytest.mark.live (the fast tier, "
-            '-m "not live", runs nothing but the test process)'
+            '-m "not live", starts nothing but the test process)'
         )
