@@ -4,6 +4,10 @@ Every process a benchmark starts runs in its own session and is stopped (SIGTERM
 SIGKILL) when its ``with`` block ends, whatever ends it: normal exit, an exception, Ctrl-C,
 or SIGTERM/SIGHUP to the benchmark (``handle_signals`` turns those into ``SystemExit``).
 Everything binds 127.0.0.1 only.
+
+Standalone on purpose: the Relay launcher and the metrics parser here repeat what
+``tests/support/`` does, because a benchmark must not depend on the test helpers (it runs
+with the bench extra only, and starts a baseline revision of Relay as a plain process).
 """
 
 from __future__ import annotations
@@ -219,7 +223,7 @@ def relay(
     env: Mapping[str, str | None] | None = None,
     source: Path = ROOT,
     instrumentation: str | None = None,
-) -> Iterator[RelayProcess]:
+) -> Iterator[ServedRelay]:
     """Relay as its own process: one upstream, one route; 1 worker, access log off.
 
     ``source`` is the directory holding the ``service`` package to run: this checkout, or
@@ -227,7 +231,7 @@ def relay(
 
     ``env`` is added last, so it can turn tracing on (e.g. ``OTEL_SDK_DISABLED=""`` and an
     ``OTEL_EXPORTER_OTLP_ENDPOINT``). With ``access_log`` the log level is INFO (access lines
-    are INFO records) and stdout, where they go, is the file ``RelayProcess.log``.
+    are INFO records) and stdout, where they go, is the file ``ServedRelay.log``.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}")
@@ -287,29 +291,29 @@ def relay(
             except RuntimeError:
                 sys.stderr.write(log.read_text(errors="replace")[-4000:])
                 raise
-            yield RelayProcess(port, proc.pid, admin, log)
+            yield ServedRelay(port, proc.pid, admin, log)
 
 
 @dataclass(frozen=True)
-class RelayProcess(Served):
+class ServedRelay(Served):
     admin_port: int
     log: Path
 
-    def metrics(self) -> Metrics:
+    def metrics(self) -> ScrapedSamples:
         text = httpx.get(
             f"http://{LOOPBACK}:{self.admin_port}/metrics", timeout=5, trust_env=False
         ).text
-        return Metrics.parse(text)
+        return ScrapedSamples.parse(text)
 
 
 @dataclass(frozen=True)
-class Metrics:
+class ScrapedSamples:
     """Samples of the Prometheus text format: (name, sorted label pairs) -> value."""
 
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
     @classmethod
-    def parse(cls, text: str) -> Metrics:
+    def parse(cls, text: str) -> ScrapedSamples:
         samples = {}
         for line in text.splitlines():
             if not line or line.startswith("#"):

@@ -50,7 +50,7 @@ from common import (
     BENCH,
     LOOPBACK,
     TRANSPORTS,
-    RelayProcess,
+    ServedRelay,
     environment,
     free_port,
     handle_signals,
@@ -66,7 +66,7 @@ from service.upstreams.pools import Upstream, _NullObserver
 
 
 @dataclass
-class Settings:
+class LeakRun:
     delay: float
     limit: int
     clients: int
@@ -79,7 +79,7 @@ class Settings:
 
 
 @dataclass
-class Check:
+class PhaseResult:
     """What one phase did and the state it left behind."""
 
     client: str
@@ -96,7 +96,7 @@ class Check:
     fresh_error: str = ""
     notes: list[str] = field(default_factory=list)
 
-    def leaked(self, settings: Settings) -> bool:
+    def leaked(self, settings: LeakRun) -> bool:
         numbers = [
             v for v in (self.in_use, self.waiting, self.transport_busy) if isinstance(v, int)
         ]
@@ -131,12 +131,12 @@ async def upstream_stats(base: str, reset: bool = False) -> dict[str, int]:
 Send = Callable[[str, float], Awaitable[bool]]  # (path, give up after) -> answered in time
 
 
-async def storm(send: Send, s: Settings) -> tuple[int, int, float]:
+async def storm(send: Send, s: LeakRun) -> tuple[int, int, float]:
     answered = await asyncio.gather(*(send("/slow", s.give_up) for _ in range(s.clients)))
     return s.clients, answered.count(False), s.give_up
 
 
-async def churn(send: Send, s: Settings) -> tuple[int, int, float]:
+async def churn(send: Send, s: LeakRun) -> tuple[int, int, float]:
     """``churn_loops`` loops for ``churn`` seconds, each request given up after a random
     0 to 2x the client's own median latency (measured first, at the same concurrency), so
     cancellations land at every stage of an exchange whatever the client's speed."""
@@ -166,7 +166,7 @@ async def churn(send: Send, s: Settings) -> tuple[int, int, float]:
     return sent, gave_up, give_up
 
 
-async def fresh(get: Callable[[], Awaitable[int]], check: Check, s: Settings) -> None:
+async def fresh(get: Callable[[], Awaitable[int]], check: PhaseResult, s: LeakRun) -> None:
     """``limit`` concurrent requests to /slow; a healthy pool answers in about one delay."""
     started = time.monotonic()
     results = await asyncio.gather(*(get() for _ in range(s.limit)), return_exceptions=True)
@@ -205,7 +205,7 @@ async def raw_get(port: int, path: str, give_up: float) -> int | None:
         return None
 
 
-def relay_snapshot(proc: RelayProcess, check: Check) -> None:
+def relay_snapshot(proc: ServedRelay, check: PhaseResult) -> None:
     metrics = proc.metrics()
     check.in_use = int(metrics.sum("relay_pool_connections", upstream="up", state="in_use"))
     check.waiting = int(metrics.sum("relay_pool_waiting_requests", upstream="up"))
@@ -214,7 +214,7 @@ def relay_snapshot(proc: RelayProcess, check: Check) -> None:
         check.notes.append(f"{in_flight} requests still in flight")
 
 
-async def via_relay(transport: str, upstream: str, s: Settings) -> list[Check]:
+async def via_relay(transport: str, upstream: str, s: LeakRun) -> list[PhaseResult]:
     checks = []
     with relay(upstream, transport, max_connections=s.limit, pool_timeout=s.pool_timeout) as proc:
 
@@ -225,9 +225,9 @@ async def via_relay(transport: str, upstream: str, s: Settings) -> list[Check]:
             status = await raw_get(proc.port, "/slow", s.pool_timeout + s.delay + 2)
             return -1 if status is None else status
 
-        await fresh(get, Check("warm-up", "-"), s)  # connections exist before the storm
+        await fresh(get, PhaseResult("warm-up", "-"), s)  # connections exist before the storm
         for phase, shape in (("storm", storm), ("churn", churn)):
-            check = Check(f"via Relay, {transport}", phase)
+            check = PhaseResult(f"via Relay, {transport}", phase)
             await upstream_stats(upstream, reset=True)
             check.sent, check.gave_up, check.give_up_max = await shape(send, s)
             check.upstream_max_in_flight = (await upstream_stats(upstream))["max_in_flight"]
@@ -241,7 +241,7 @@ async def via_relay(transport: str, upstream: str, s: Settings) -> list[Check]:
 # -- in process ----------------------------------------------------------------------------
 
 
-def httpcore_notes(pool: Any, check: Check) -> None:
+def httpcore_notes(pool: Any, check: PhaseResult) -> None:
     """What an httpcore pool holds that is not idle, by connection state."""
     states: dict[str, int] = {}
     for connection in pool.connections:
@@ -267,10 +267,10 @@ def transport_busy(inner: object) -> int:
 async def in_process(
     name: str,
     client: httpx.AsyncClient,
-    snapshot: Callable[[Check], None],
+    snapshot: Callable[[PhaseResult], None],
     base: str,
-    s: Settings,
-) -> list[Check]:
+    s: LeakRun,
+) -> list[PhaseResult]:
     async def send(path: str, give_up: float) -> bool:
         try:
             response = await asyncio.wait_for(client.get(base + path), give_up)
@@ -283,9 +283,9 @@ async def in_process(
         return response.status_code
 
     checks = []
-    await fresh(get, Check("warm-up", "-"), s)
+    await fresh(get, PhaseResult("warm-up", "-"), s)
     for phase, shape in (("storm", storm), ("churn", churn)):
-        check = Check(name, phase)
+        check = PhaseResult(name, phase)
         await upstream_stats(base, reset=True)
         check.sent, check.gave_up, check.give_up_max = await shape(send, s)
         check.upstream_max_in_flight = (await upstream_stats(base))["max_in_flight"]
@@ -297,8 +297,8 @@ async def in_process(
 
 
 async def relay_upstream_in_process(
-    transport: str, base: str, s: Settings, loop: str
-) -> list[Check]:
+    transport: str, base: str, s: LeakRun, loop: str
+) -> list[PhaseResult]:
     config = UpstreamConfig.model_validate(
         {
             "url": base,
@@ -312,7 +312,7 @@ async def relay_upstream_in_process(
         if transport == "stock":
             await swap_to_stock(upstream)
 
-        def snapshot(check: Check) -> None:
+        def snapshot(check: PhaseResult) -> None:
             snap = upstream.snapshot()
             check.in_use, check.waiting = snap.in_use, snap.waiting
             inner = upstream.transport.inner
@@ -324,7 +324,7 @@ async def relay_upstream_in_process(
         return await in_process(name, client, snapshot, base, s)
 
 
-async def bare_httpx(base: str, s: Settings, loop: str) -> list[Check]:
+async def bare_httpx(base: str, s: LeakRun, loop: str) -> list[PhaseResult]:
     limits = httpx.Limits(max_connections=s.limit, max_keepalive_connections=s.limit)
     timeout = httpx.Timeout(5.0, pool=s.pool_timeout)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
@@ -332,7 +332,7 @@ async def bare_httpx(base: str, s: Settings, loop: str) -> list[Check]:
         assert isinstance(transport, httpx.AsyncHTTPTransport)
         pool = transport._pool
 
-        def snapshot(check: Check) -> None:
+        def snapshot(check: PhaseResult) -> None:
             busy = [c for c in pool.connections if not c.is_idle()]
             check.in_use = len(busy)
             check.waiting = sum(1 for r in pool._requests if r.is_queued())
@@ -346,7 +346,7 @@ async def bare_httpx(base: str, s: Settings, loop: str) -> list[Check]:
 # -- main ----------------------------------------------------------------------------------
 
 
-def report(checks: list[Check], s: Settings) -> str:
+def report(checks: list[PhaseResult], s: LeakRun) -> str:
     header = [
         "client", "phase", "gave up / sent (give-up time)", "upstream max in flight", "in use",
         "waiting", "transport busy", f"{s.limit} fresh /slow", "verdict",
@@ -377,8 +377,8 @@ def report(checks: list[Check], s: Settings) -> str:
     return markdown_table(header, rows)
 
 
-async def run(s: Settings, via: bool, inproc: bool, loop: str) -> list[Check]:
-    checks: list[Check] = []
+async def run(s: LeakRun, via: bool, inproc: bool, loop: str) -> list[PhaseResult]:
+    checks: list[PhaseResult] = []
     with slow_upstream(s.delay) as base:
         if via:
             for transport in TRANSPORTS:
@@ -393,7 +393,7 @@ async def run(s: Settings, via: bool, inproc: bool, loop: str) -> list[Check]:
     return checks
 
 
-def run_on(loop: str, s: Settings, via: bool, inproc: bool) -> list[Check]:
+def run_on(loop: str, s: LeakRun, via: bool, inproc: bool) -> list[PhaseResult]:
     if loop == "uvloop":
         import uvloop
 
@@ -427,7 +427,7 @@ def main() -> None:
     loops = [name.strip() for name in args.loops.split(",") if name.strip()]
     if not loops or not set(loops) <= {"uvloop", "asyncio"}:
         parser.error("--loops: a comma-separated list of uvloop, asyncio")
-    s = Settings(
+    s = LeakRun(
         delay=args.delay, limit=args.limit, clients=args.clients, give_up=args.give_up,
         churn=args.churn, churn_loops=args.churn_loops, calibrate=args.calibrate,
         settle=args.settle, pool_timeout=args.pool_timeout,
@@ -442,7 +442,7 @@ def main() -> None:
         f" in-process event loops: {args.loops}\n",
         flush=True,
     )
-    checks: list[Check] = []
+    checks: list[PhaseResult] = []
     for index, loop in enumerate(loops):
         checks += run_on(
             loop, s, via="via" in args.only and index == 0, inproc="inproc" in args.only

@@ -18,6 +18,9 @@ pool 5 s), so limits are not what differs.
 
 ``--transport aiohttp`` swaps in the ``httpx-aiohttp`` package's ``AiohttpTransport`` (same
 limits); everything else is the same.
+
+Standalone on purpose: a reference, not Relay code. It imports nothing from ``service/`` or
+``tests/`` so that it stays the pattern as documented, whatever Relay becomes.
 """
 
 from __future__ import annotations

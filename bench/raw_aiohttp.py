@@ -8,6 +8,9 @@ from the incoming ``StreamReader`` (only when it has one), and the response is s
 chunk by chunk as it arrives. Hop-by-hop headers are dropped both ways and Host is the
 upstream's; nothing else: no metrics, tracing, logs or error mapping. This is roughly the
 least a Python proxy on the same event loop and HTTP stack has to do.
+
+Standalone on purpose: a reference, not Relay code. It imports nothing from ``service/`` or
+``tests/``, so it measures aiohttp alone, whatever Relay becomes.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ a caller can check that an upload arrived whole. ``POST /v1/traces`` is the OTLP
 endpoint: it answers 200 with an empty ``ExportTraceServiceResponse`` and counts the spans
 (when opentelemetry-proto is installed) and bytes. ``GET /stats`` answers those counters as
 JSON.
+
+Standalone on purpose, like every server in ``bench/``: its own process with no import from
+``service/`` or ``tests/``, so its CPU is never Relay's and it runs unchanged against a
+baseline revision (``compare.py --baseline``). The test servers live in ``tests/support/``.
 """
 
 from __future__ import annotations

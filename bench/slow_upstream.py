@@ -8,6 +8,10 @@ client with N connections can get at most N / delay requests per second. nginx h
 to delay a response, hence this server. ``--processes`` copies share the port through
 SO_REUSEPORT so the upstream itself is not what limits a benchmark at 1,000 connections;
 they all live in the caller's process group and stop with it (SIGTERM or SIGINT).
+
+Standalone on purpose, like every server in ``bench/``: its own process with no import from
+``service/`` or ``tests/``, so its CPU is never Relay's and it runs unchanged against a
+baseline revision (``compare.py --baseline``). The test servers live in ``tests/support/``.
 """
 
 from __future__ import annotations

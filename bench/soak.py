@@ -60,7 +60,7 @@ import yaml
 from common import (
     LOOPBACK,
     ROOT,
-    Metrics,
+    ScrapedSamples,
     environment,
     free_port,
     handle_signals,
@@ -94,8 +94,8 @@ class RelayUnderTest:
     def sockets(self) -> int:
         return sum(_quietly(lambda p=p: len(p.net_connections("all"))) for p in self.tree())
 
-    async def metrics(self, client: httpx.AsyncClient) -> Metrics:
-        return Metrics.parse((await client.get(f"{self.admin_url}/metrics")).text)
+    async def metrics(self, client: httpx.AsyncClient) -> ScrapedSamples:
+        return ScrapedSamples.parse((await client.get(f"{self.admin_url}/metrics")).text)
 
 
 def _quietly(read: Callable[[], int]) -> int:
@@ -344,7 +344,7 @@ def show(s: Sample) -> str:
 
 
 @dataclass
-class Check:
+class SoakCheck:
     name: str
     ok: bool
     detail: str
@@ -360,7 +360,7 @@ def verdict(
     exit_code: int,
     max_growth: float,
     max_trend: float,
-) -> list[Check]:
+) -> list[SoakCheck]:
     during = [s for s in samples if s.t >= warm.t]
     third = max(1, len(during) // 3)
     middle = statistics.fmean(s.rss_mib for s in during[third : 2 * third] or during)
@@ -369,34 +369,34 @@ def verdict(
     healthy_sent = sum(n for k, n in tally.sent.items() if k in ("get", "post", "slow", "stream"))
     wrong = sum(tally.wrong.values())
     return [
-        Check(
+        SoakCheck(
             "memory growth",
             growth < max_growth,
             f"{warm.rss_mib:.1f} -> {end_rss_mib:.1f} MiB ({growth:+.1f}, limit {max_growth})",
         ),
-        Check(
+        SoakCheck(
             "memory trend",
             last - middle < max_trend,
             f"mean middle third {middle:.1f}, last third {last:.1f} MiB "
             f"({last - middle:+.1f}, limit {max_trend})",
         ),
-        Check(
+        SoakCheck(
             "fds",
             fds_back(end, baseline),
             f"{end.fds} ({end.sockets} sockets) after, {baseline.fds} ({baseline.sockets}) before",
         ),
-        Check(
+        SoakCheck(
             "pools",
             end.in_use == 0 and end.waiting == 0 and end.in_flight == 0,
             f"in use {end.in_use:.0f}, waiting {end.waiting:.0f}, in flight {end.in_flight:.0f}",
         ),
-        Check(
+        SoakCheck(
             "correctness",
             wrong == 0 and healthy_sent > 0,
             f"{wrong} wrong answers; {healthy_sent} requests to healthy upstreams"
             + (f"; {tally.wrong_examples}" if wrong else ""),
         ),
-        Check("shutdown", exit_code == 0, f"exit code {exit_code} after SIGTERM"),
+        SoakCheck("shutdown", exit_code == 0, f"exit code {exit_code} after SIGTERM"),
     ]
 
 
@@ -507,7 +507,7 @@ async def run(
     return all(c.ok for c in checks)
 
 
-def report(options: Options, samples: list[Sample], tally: Tally, checks: list[Check]) -> None:
+def report(options: Options, samples: list[Sample], tally: Tally, checks: list[SoakCheck]) -> None:
     step = max(1, len(samples) // 12)
     shown = samples[::step] if samples[-1] in samples[::step] else [*samples[::step], samples[-1]]
     print()

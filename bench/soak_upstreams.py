@@ -2,6 +2,10 @@
 
 Raw asyncio HTTP/1.1, so every fault is exact: a reset is an RST (SO_LINGER 0), a hang holds
 the connection until Relay's read timeout closes it.
+
+Standalone on purpose, like every server in ``bench/``: no import from ``service/`` or
+``tests/``, so the soak runs against any revision of Relay. The test servers live in
+``tests/support/``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ transport of every upstream's ``GatedTransport`` is replaced by the stock transp
 one it replaces is closed). Gate, retry policy, metrics and proxy code stay as shipped, so
 the only difference from ``transport: aiohttp`` is the transport itself.
 
-This reaches into ``GatedTransport`` internals on purpose and lives in ``bench/`` only.
+This reaches into ``GatedTransport`` internals on purpose and lives in ``bench/`` only: a
+reference row for the comparison, never shipped.
 """
 
 from __future__ import annotations

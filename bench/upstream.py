@@ -6,6 +6,10 @@
 no request bodies. ``GET /stats`` answers JSON counters kept by the server itself: open
 connections, requests in flight, the most ever in flight at once, requests answered.
 ``GET /stats?reset`` also resets the high-water mark.
+
+Standalone on purpose, like every server in ``bench/``: its own process with no import from
+``service/`` or ``tests/``, so its CPU is never Relay's and it runs unchanged against a
+baseline revision (``compare.py --baseline``). The test servers live in ``tests/support/``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import signal
 
 
-class Upstream:
+class CountingUpstream:
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.open = 0
@@ -65,7 +69,7 @@ class Upstream:
 
 
 async def serve(port: int, delay: float) -> None:
-    upstream = Upstream(delay)
+    upstream = CountingUpstream(delay)
     server = await asyncio.start_server(upstream.handle, "127.0.0.1", port, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,5 +1,5 @@
-"""Shared fixtures: real servers on ephemeral loopback ports (built by ``tests/harness.py``),
-the transport parameter, and the no-error-logs guard."""
+"""Shared fixtures: real servers on ephemeral loopback ports (built by ``tests/support/``),
+the transport parameter, the no-error-logs guard, and the ``live`` tier's guard."""
 
 from __future__ import annotations
 
@@ -11,15 +11,22 @@ from typing import Any
 
 import pytest
 
-from tests.harness import (
-    RunningRelay,
-    ScriptedUpstream,
-    StartRelay,
-    one_upstream,
-    run_relay,
-)
+from tests.support.relays import RunningRelay, StartRelay, one_upstream, run_relay
+from tests.support.scripted import ScriptedUpstream
+from tests.support.tiers import entering
 
 TRANSPORTS = ["aiohttp", "httpcore"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    entering(item)  # before any fixture: a fixture may start what only live tests may
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    entering(None)
+
 
 # What asyncio, aiohttp and the stdlib say about a leaked task, session or transport.
 LEAK_MARKERS = ("never retrieved", "Unclosed", "unclosed", "was destroyed but it is pending")

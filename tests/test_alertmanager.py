@@ -5,7 +5,6 @@ incident to one notification in a real Alertmanager."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 import time
@@ -17,8 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.alert_rules import ROOT, overlay_groups, rules_of
-from tests.harness import free_port
+from tests.support.net import free_port
+from tests.support.rules import overlay_groups, rules_of
+from tests.support.tools import ROOT, require_tool
+
+pytestmark = pytest.mark.live
 
 CONFIG = ROOT / "alerts" / "alertmanager.yaml"
 RECEIVERS = {
@@ -31,19 +33,9 @@ RECEIVERS = {
 }
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(
-            f"{name} not found on PATH: install the Debian package `prometheus-alertmanager` "
-            "(apt-get install --no-install-recommends prometheus-alertmanager)"
-        )
-    return path
-
-
 def routed_to(labels: dict[str, str]) -> str:
     result = subprocess.run(
-        [tool("amtool"), "config", "routes", "test", f"--config.file={CONFIG}",
+        [require_tool("amtool"), "config", "routes", "test", f"--config.file={CONFIG}",
          *(f"{key}={value}" for key, value in labels.items())],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
@@ -53,7 +45,10 @@ def routed_to(labels: dict[str, str]) -> str:
 
 def test_amtool_check_config() -> None:
     result = subprocess.run(
-        [tool("amtool"), "check-config", str(CONFIG)], capture_output=True, text=True, timeout=30
+        [require_tool("amtool"), "check-config", str(CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout and "4 inhibit rules" in result.stdout
@@ -76,7 +71,7 @@ def test_every_shipped_alert_is_routed_by_severity_and_owner(overlay: str) -> No
 
 @contextmanager
 def alertmanager() -> Iterator[str]:
-    binary = tool("prometheus-alertmanager")
+    binary = require_tool("prometheus-alertmanager")
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         log = open(Path(tmp, "alertmanager.log"), "wb")  # noqa: SIM115

@@ -26,9 +26,8 @@ from prometheus_client.utils import floatToGoString
 from service.errors import Reason
 from service.exchange import Phase, Side
 from service.telemetry.metrics import LATENCY_BUCKETS, Metrics
-from tests.alert_rules import (
+from tests.support.rules import (
     KUBE_STATE_METRICS,
-    ROOT,
     RULE_OVERLAYS,
     load_generator,
     overlay_groups,
@@ -37,6 +36,7 @@ from tests.alert_rules import (
     rules_of,
     write_rules_file,
 )
+from tests.support.tools import ROOT, require_tool
 
 UNIT_TESTS = sorted((ROOT / "tests" / "alerts").glob("*.yaml"))
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
@@ -53,16 +53,6 @@ RECORD_NAME = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")
 # A series selector: a metric name with its matchers.
 SELECTOR = re.compile(r"(?<![\w:])([a-z_:][a-z0-9_:]*)\{([^}]*)\}")
 RULE_SOURCES = ("production", "dev", "plain")
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool not found on PATH: install the Debian package `prometheus` "
-            "(apt-get install --no-install-recommends prometheus)"
-        )
-    return path
 
 
 def groups_of(source: str) -> list[dict[str, Any]]:
@@ -91,7 +81,7 @@ def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def unit_test_results(rules_dir: Path) -> Iterator[dict[str, tuple[int, str]]]:
     """Run every unit test file at once (the 3-day burn-rate ones take a few seconds each)."""
-    tool = promtool()
+    tool = require_tool("promtool")
     running = {
         test_file.name: subprocess.Popen(
             [tool, "test", "rules", test_file.name],
@@ -115,6 +105,7 @@ def unit_test_results(rules_dir: Path) -> Iterator[dict[str, tuple[int, str]]]:
                 process.wait()
 
 
+@pytest.mark.live
 def test_overlay_rules_are_the_generator_output() -> None:
     generate = load_generator()
     cfg = generate.load_config()
@@ -142,10 +133,11 @@ def test_generator_needs_only_yaml_and_the_standard_library() -> None:
         assert imported <= allowed, f"{script} imports {imported - allowed}"
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("source", RULE_SOURCES)
 def test_promtool_check_rules(source: str, rules_dir: Path) -> None:
     result = subprocess.run(
-        [promtool(), "check", "rules", f"{source}.yaml"],
+        [require_tool("promtool"), "check", "rules", f"{source}.yaml"],
         cwd=rules_dir,
         capture_output=True,
         text=True,
@@ -155,6 +147,7 @@ def test_promtool_check_rules(source: str, rules_dir: Path) -> None:
     assert f"SUCCESS: {len(rules(source))} rules found" in result.stdout
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("test_file", [path.name for path in UNIT_TESTS])
 def test_promtool_unit_tests(test_file: str, unit_test_results: dict[str, tuple[int, str]]) -> None:
     returncode, output = unit_test_results[test_file]
@@ -183,6 +176,7 @@ def template_pattern(text: str) -> re.Pattern[str]:
     return re.compile(".*".join(re.escape(part) for part in parts), re.DOTALL)
 
 
+@pytest.mark.live
 def test_every_alert_fires_in_a_unit_test_and_stays_quiet_in_another() -> None:
     """Each alerting rule (its name, its labels and its description) is expected to fire
     somewhere, and each alert name has a test case where similar series never fire it."""
@@ -213,6 +207,7 @@ def test_every_alert_fires_in_a_unit_test_and_stays_quiet_in_another() -> None:
         assert rule["alert"] in quiet, f"no unit test keeps {rule['alert']} quiet"
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("source", RULE_SOURCES)
 def test_every_alert_has_severity_owner_and_annotations(source: str) -> None:
     for rule in alert_rules(source):
@@ -226,6 +221,7 @@ def test_every_alert_has_severity_owner_and_annotations(source: str) -> None:
         assert re.search(r"\{\{[^}]*\$labels\.", annotations["description"]), f"{name}: no labels"
 
 
+@pytest.mark.live
 def test_dev_pages_nobody_and_production_pages() -> None:
     """The dev overlay's one setting (pagingAlertSeverity) turns what pages in production
     into an alert that pages nobody; tickets stay tickets."""
@@ -241,6 +237,7 @@ def test_dev_pages_nobody_and_production_pages() -> None:
     }
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("source", RULE_SOURCES)
 def test_no_two_alerting_rules_share_a_label_set(source: str) -> None:
     """Two rules that raise the same labels would overwrite each other's state in
@@ -249,6 +246,7 @@ def test_no_two_alerting_rules_share_a_label_set(source: str) -> None:
     assert len(seen) == len(set(seen)), sorted(seen)
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(("overlay", "namespace"), RULE_OVERLAYS.items())
 def test_every_selector_is_scoped_to_its_deployment(overlay: str, namespace: str) -> None:
     """Two deployments in one Prometheus never read each other's series: every selector of an
@@ -268,6 +266,7 @@ def test_every_selector_is_scoped_to_its_deployment(overlay: str, namespace: str
                 assert f'job="{job}"' in matchers, f"{name} in {rule}"
 
 
+@pytest.mark.live
 def test_plain_rules_keep_namespace_and_cluster_and_honour_the_job() -> None:
     job = load_generator().load_config().job
     for rule in rules("plain"):
@@ -280,6 +279,7 @@ def test_plain_rules_keep_namespace_and_cluster_and_honour_the_job() -> None:
             assert {"cluster", "namespace"} <= labels, f"{rule.get('record') or rule['alert']}"
 
 
+@pytest.mark.live
 def test_recording_rules_are_named_level_metric_operations() -> None:
     records = [rule for rule in rules() if "record" in rule]
     assert len(records) == len({r["record"] for r in records}), "a series is recorded twice"
@@ -294,6 +294,7 @@ def test_recording_rules_are_named_level_metric_operations() -> None:
             assert name.split(":")[0] == level, rule["record"]
 
 
+@pytest.mark.live
 def test_recording_rules_used_by_alerts_exist() -> None:
     records = {rule["record"] for rule in rules() if "record" in rule}
     used = {name for rule in alert_rules() for name in RECORD_NAME.findall(rule["expr"])}
@@ -314,6 +315,7 @@ BURN_TERM = re.compile(
 )
 
 
+@pytest.mark.live
 def test_burn_rate_alerts_follow_the_sre_workbook() -> None:
     """The workbook's four window pairs and factors, the common holds per pair (longer windows
     hold longer), one alert per severity (an incident is one page, or one ticket), a minimum
@@ -347,6 +349,7 @@ def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"(?<![:\w])((?:relay|process|kube)_[a-z_]+|up)\b(?!:)", expr))
 
 
+@pytest.mark.live
 def test_rules_use_only_metrics_and_label_values_relay_exposes() -> None:
     exposed: set[str] = set()
     for family in Metrics().registry.collect():
@@ -381,6 +384,7 @@ def github_anchors(markdown: str) -> set[str]:
     return anchors
 
 
+@pytest.mark.live
 def test_every_runbook_url_points_to_a_section_of_docs_runbooks() -> None:
     anchors = github_anchors(RUNBOOKS.read_text())
     base = "https://github.com/relay-proxy/relay/blob/main/docs/runbooks.md#"
@@ -408,6 +412,7 @@ def le_matches(matcher: str, le: str) -> bool:
     return value == le if match.group(1) == "=" else re.fullmatch(value, le) is not None
 
 
+@pytest.mark.live
 def test_latency_threshold_is_a_bucket_as_relay_exposes_it() -> None:
     generate = load_generator()
     threshold = generate.load_config().latency_threshold
@@ -456,6 +461,7 @@ def test_generator_rejects_bad_knobs(tmp_path: Path, edit: tuple[Any, ...], mess
         generate.load_config(bad)
 
 
+@pytest.mark.live
 def test_generator_cli_reports_a_bad_knob_in_one_line(tmp_path: Path) -> None:
     config = yaml.safe_load((ROOT / "alerts" / "slo.yaml").read_text())
     config["slos"]["errors"]["target"] = 99.9
@@ -469,6 +475,7 @@ def test_generator_cli_reports_a_bad_knob_in_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().count("\n") == 0 and "between 0 and 1" in result.stderr
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("overlay", RULE_OVERLAYS)
 def test_prometheusrule_matches_the_operator_schema(overlay: str) -> None:
     try:

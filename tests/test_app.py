@@ -7,16 +7,17 @@ import gc
 import subprocess
 import sys
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
 from service.app import Relay
 from service.config import Settings
-from tests.harness import ScriptedUpstream, one_upstream, respond, run_relay
+from tests.support.http import http_client
+from tests.support.relays import one_upstream, run_relay
+from tests.support.scripted import ScriptedUpstream, respond
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
-HOOK = "tests.app_hook_example:customize"
+HOOK = "tests.support.app_hook_example:customize"
 
 
 async def test_app_hook_routes_and_middleware_beside_the_proxy() -> None:
@@ -24,7 +25,7 @@ async def test_app_hook_routes_and_middleware_beside_the_proxy() -> None:
     config = {**one_upstream("http://placeholder"), "server": {"app_hook": HOOK}}
     async with upstream.running():
         config["upstreams"]["up"]["url"] = upstream.url
-        async with run_relay(config) as relay, httpx.AsyncClient() as client:
+        async with run_relay(config) as relay, http_client() as client:
             assert isinstance(relay.relay.app, FastAPI)
             own = await client.get(f"{relay.url}/_relay/hello")
             proxied = await client.get(f"{relay.url}/x")
@@ -45,7 +46,7 @@ async def test_a_relay_in_this_process_leaves_its_garbage_collector_alone() -> N
     upstream = ScriptedUpstream({"/x": respond(200, b"ok")})
     async with upstream.running():
         config = one_upstream(upstream.url)
-        async with run_relay(config) as relay, httpx.AsyncClient() as client:
+        async with run_relay(config) as relay, http_client() as client:
             assert (await client.get(f"{relay.url}/x")).content == b"ok"
             assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, frozen)
     assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, frozen)
@@ -58,12 +59,13 @@ def test_relay_is_a_fastapi_app_whose_default_is_the_proxy() -> None:
     assert relay.app.openapi_url is None  # no schema or docs routes shadow upstream paths
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     ("hook", "message"),
     [
         ("tests.no_such_module:customize", "No module named 'tests.no_such_module'"),
-        ("tests.app_hook_example:missing", "has no attribute 'missing'"),
-        ("tests.app_hook_example:not_callable", "is not callable"),
+        ("tests.support.app_hook_example:missing", "has no attribute 'missing'"),
+        ("tests.support.app_hook_example:not_callable", "is not callable"),
     ],
 )
 def test_broken_app_hook_stops_the_start_naming_the_field(hook: str, message: str) -> None:

@@ -16,7 +16,10 @@ import pytest
 
 from service.config import UpstreamConfig
 from service.upstreams.pools import Upstream, _NullObserver
-from tests.harness import ScriptedUpstream, eventually, respond, run_relay
+from tests.support.http import http_client
+from tests.support.net import eventually
+from tests.support.relays import run_relay
+from tests.support.scripted import ScriptedUpstream, respond
 
 CHURN_SECONDS = 2.0
 
@@ -80,12 +83,12 @@ async def test_proxy_survives_clients_hanging_up_at_random(transport: str) -> No
             "routes": [{"prefix": "/", "upstream": "up"}],
         }
         async with run_relay(config) as relay:
-            async with httpx.AsyncClient(base_url=relay.url) as client:
+            async with http_client(base_url=relay.url) as client:
                 gave_up = await churn(lambda: client.get("/"), loops=16, max_wait=0.03)
             assert gave_up > 50
             snapshot = relay.relay.upstreams()["up"].snapshot
             await eventually(lambda: snapshot().in_use == 0, within=10)
-            async with httpx.AsyncClient(base_url=relay.url, timeout=5) as client:
+            async with http_client(base_url=relay.url, timeout=5) as client:
                 responses = await asyncio.gather(*(client.get("/") for _ in range(4)))
             assert [r.status_code for r in responses] == [200] * 4
             assert snapshot().waiting == 0

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.tools import ROOT, apt_packages
+from tests.support.tools import ROOT, apt_packages
+
+pytestmark = pytest.mark.live
 
 NOBODY = 65534
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-
 from service.server.coalesce import FLUSH_BYTES, CoalescingWriter
-from tests.harness import ScriptedUpstream, endless_stream, one_upstream, respond, run_relay
+from tests.support.http import http_client
+from tests.support.relays import one_upstream, run_relay
+from tests.support.scripted import ScriptedUpstream, endless_stream, respond
 
 
 class RecordingTransport(asyncio.Transport):
@@ -80,7 +80,7 @@ async def test_responses_complete_through_the_proxy_with_and_without_keep_alive(
     async with (
         upstream.running(),
         run_relay(one_upstream(upstream.url)) as relay,
-        httpx.AsyncClient() as client,
+        http_client() as client,
     ):
         for _ in range(20):
             response = await client.get(f"{relay.url}/small")

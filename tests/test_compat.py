@@ -29,7 +29,8 @@ from service.upstreams import aiohttp_compat, httpcore_compat
 from service.upstreams.aiohttp_pool import AiohttpTransport
 from service.upstreams.httpcore_compat import h11_state_of, pool_connections
 from service.upstreams.httpcore_pool import HttpcoreTransport
-from tests.harness import ScriptedUpstream, eventually, respond
+from tests.support.net import eventually
+from tests.support.scripted import ScriptedUpstream, respond
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = ("aiohttp", "httpx", "httpcore", "uvicorn")

@@ -146,6 +146,7 @@ def test_invalid_env_value_names_the_field(tmp_path: Path, monkeypatch: pytest.M
         load_settings(write(tmp_path, VALID))
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     ("text", "field"),
     [
@@ -173,6 +174,7 @@ def test_cli_exits_2_naming_the_field(tmp_path: Path, text: str, field: str) -> 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.live
 def test_cli_check_config(tmp_path: Path) -> None:
     result = subprocess.run(
         [
@@ -285,6 +287,7 @@ CONFIG_MISTAKES = [
 ]
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(("text", "env", "expected"), CONFIG_MISTAKES)
 def test_cli_says_what_to_change(
     tmp_path: Path, text: str, env: dict[str, str], expected: str
@@ -302,6 +305,7 @@ def test_cli_says_what_to_change(
     assert result.stdout == ""
 
 
+@pytest.mark.live
 def test_pool_below_the_default_keepalive_starts(tmp_path: Path) -> None:
     """Lowering max_connections alone is a valid config (it used to need a second field)."""
     text = VALID.replace(

@@ -32,7 +32,9 @@ from typing import Any
 
 import pytest
 
-from tests.dashboard_queries import DASHBOARDS, load
+from tests.support.dashboards import DASHBOARDS, load
+from tests.support.tiers import require_live
+from tests.support.tools import ROOT
 
 PACKAGES = {"typescript": "7.0.2", "@grafana/schema": "13.2.3"}
 
@@ -43,9 +45,6 @@ STRING_ENUMS = {
         {"absolute": "Absolute", "percentage": "Percentage"},
     ),
 }
-
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def packages_dir() -> Path:
@@ -59,6 +58,7 @@ def install_command(directory: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tsc() -> list[str]:
+    require_live("tsc")
     directory = packages_dir()
     node = shutil.which("node")
     if node is None:
@@ -152,11 +152,13 @@ def typecheck(
     return errors
 
 
+@pytest.mark.live
 def test_the_dashboards_type_check_against_grafana_schema(tsc: list[str], tmp_path: Path) -> None:
     errors = typecheck(tsc, tmp_path / "tsc", {path.stem: load(path) for path in DASHBOARDS})
     assert not errors, "\n".join(f"{e.file}:{e.line}: {e.code} {e.message}" for e in errors)
 
 
+@pytest.mark.live
 def test_string_enums_are_the_only_false_positives(tsc: list[str], tmp_path: Path) -> None:
     """As plain JSON values, the listed enum fields fail the check, and nothing else does."""
     boards = {path.stem: load(path) for path in DASHBOARDS}
@@ -170,6 +172,7 @@ def test_string_enums_are_the_only_false_positives(tsc: list[str], tmp_path: Pat
     assert {e.message for e in errors} <= expected, {e.message for e in errors} - expected
 
 
+@pytest.mark.live
 def test_the_type_check_catches_a_broken_dashboard(tsc: list[str], tmp_path: Path) -> None:
     """A misspelled field, a string where a number belongs and a number where a string
     belongs each fail the check: it is not a test that cannot fail."""

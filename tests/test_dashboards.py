@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.alert_rules import plain_groups, rules_of
-from tests.dashboard_queries import DASHBOARDS, load, panel_queries
+from tests.support.dashboards import DASHBOARDS, load, panel_queries
+from tests.support.rules import plain_groups, rules_of
 
 ROOT = Path(__file__).resolve().parent.parent
 BOARDS = {"relay-overview", "relay-slo", "relay-pools", "relay-errors", "relay-process"}
@@ -35,6 +35,7 @@ def panels(uid: str) -> dict[str, dict[str, Any]]:
     return {panel["title"]: panel for panel in board(uid)["panels"]}
 
 
+@pytest.mark.live
 def test_committed_json_equals_generator_output() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "dashboards" / "generate.py"), "--check"],
@@ -45,6 +46,7 @@ def test_committed_json_equals_generator_output() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.live
 def test_the_generator_names_the_extra_it_needs() -> None:
     """Without grafana-foundation-sdk (pip install -e . alone) it says what to install."""
     blocked = (
@@ -280,6 +282,7 @@ def test_recording_rules_used_exist() -> None:
     assert used <= records, used - records
 
 
+@pytest.mark.live
 def test_kustomization_renders_sidecar_configmaps() -> None:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl not found on PATH (kubectl kustomize): apt-get install kubectl"

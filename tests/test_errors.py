@@ -11,26 +11,27 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import (
+from tests.support.http import http_client
+from tests.support.metrics import exposition_async
+from tests.support.net import closed_port, eventually, unaccepting_listener
+from tests.support.relays import StartRelay, one_upstream, pool_settled, run_relay
+from tests.support.scripted import (
     Request,
     ScriptedUpstream,
-    StartRelay,
     Writer,
-    closed_port,
     delayed,
-    eventually,
     hang,
-    one_upstream,
-    pool_settled,
-    raw_exchange,
     reset_mid_body,
     respond,
-    run_relay,
     send_raw,
-    unaccepting_listener,
 )
+from tests.support.wire import raw_exchange
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
+
+# Answered by the proxy, not cut by the client's own 10 s timeout: far below that, with room
+# for a loaded 2-core machine.
+PROMPT = 5
 
 
 async def close_at_once(request: Request, writer: Writer) -> None:
@@ -54,7 +55,7 @@ async def bad_chunk_mid_body(request: Request, writer: Writer) -> None:
 
 async def timed_get(url: str, **kwargs: Any) -> tuple[httpx.Response, float]:
     started = time.monotonic()
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with http_client(timeout=10) as client:
         response = await client.get(url, **kwargs)
     return response, time.monotonic() - started
 
@@ -71,7 +72,7 @@ async def test_connection_refused_is_502(relay_to: StartRelay) -> None:
     relay = await relay_to(f"http://127.0.0.1:{closed_port()}")
     response, elapsed = await timed_get(f"{relay.url}/x")
     assert_proxy_error(response, 502, "connection_refused")
-    assert elapsed < 2
+    assert elapsed < PROMPT
     assert pool_settled(relay)
 
 
@@ -82,7 +83,7 @@ async def test_connect_timeout_is_504(transport: str) -> None:
             response, elapsed = await timed_get(f"{relay.url}/x")
             assert pool_settled(relay)
     assert_proxy_error(response, 504, "connection_timeout")
-    assert 0.25 < elapsed < 2
+    assert 0.25 < elapsed < PROMPT
 
 
 @pytest.mark.parametrize(
@@ -104,7 +105,7 @@ async def test_bad_upstream_answers_are_502(
     response, elapsed = await timed_get(f"{relay.url}/x")
     await eventually(lambda: pool_settled(relay))
     assert_proxy_error(response, 502, error)
-    assert elapsed < 2
+    assert elapsed < PROMPT
     assert len(upstream.seen) == 1  # a fresh connection is never retried
 
 
@@ -116,7 +117,7 @@ async def test_read_timeout_before_headers_is_504(
     for path in ("/slow", "/hang"):
         response, elapsed = await timed_get(f"{relay.url}{path}")
         assert_proxy_error(response, 504, "connection_read_timeout")
-        assert 0.35 < elapsed < 2, elapsed
+        assert 0.35 < elapsed < PROMPT, elapsed
     await eventually(lambda: pool_settled(relay))
     # The timed-out connections were closed, never handed to the next request.
     await eventually(lambda: upstream.closed_connections == 2)
@@ -138,7 +139,7 @@ async def test_write_timeout_when_upstream_stops_reading_is_504(transport: str) 
             yield b"w" * (1 << 20)
 
     try:
-        async with run_relay(config) as relay, httpx.AsyncClient(timeout=10) as client:
+        async with run_relay(config) as relay, http_client(timeout=10) as client:
             try:
                 response: httpx.Response | None = await client.post(
                     f"{relay.url}/upload", content=body()
@@ -146,7 +147,7 @@ async def test_write_timeout_when_upstream_stops_reading_is_504(transport: str) 
             except httpx.HTTPError:
                 response = None  # the proxy answered before reading the whole body
             await eventually(lambda: pool_settled(relay))
-            metrics = (await client.get(f"{relay.admin_url}/metrics")).text
+            metrics = await exposition_async(relay.admin_url)
     finally:
         stop.set()
         server.close()
@@ -171,7 +172,7 @@ async def test_pool_exhausted_is_503_with_retry_after(transport: str) -> None:
             await eventually(lambda: pool_settled(relay))
     assert_proxy_error(response, 503, "connection_limit_reached")
     assert response.headers["retry-after"] == "7"
-    assert 0.25 < elapsed < 2
+    assert 0.25 < elapsed < PROMPT
     assert len(upstream.seen) == 1  # the refused request never reached the upstream
 
 
@@ -188,7 +189,7 @@ async def test_failure_after_headers_truncates_the_response(
     received = b""
     started = time.monotonic()
     async with (
-        httpx.AsyncClient(timeout=10) as client,
+        http_client(timeout=10) as client,
         client.stream("GET", f"{relay.url}/x") as response,
     ):
         assert response.status_code == 200
@@ -197,7 +198,7 @@ async def test_failure_after_headers_truncates_the_response(
                 received += chunk
         # Cut promptly by the proxy (not by the client's own 10 s timeout), and the pool
         # slot is free while this client is still connected.
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < PROMPT
         await eventually(lambda: pool_settled(relay))
     assert received == sent
 

@@ -1,7 +1,7 @@
-"""Fault injection, both transports: every upstream fault (tests/chaos.py) ends in the right
-status or a truncated response, is counted under the right reason and disconnect phase,
-logs no error, returns every pool slot, and leaves well-behaved requests running at the same
-time (to another upstream and to the faulty one) byte-exact."""
+"""Fault injection, both transports: every upstream fault (tests/support/chaos.py) ends in
+the right status or a truncated response, is counted under the right reason and disconnect
+phase, logs no error, returns every pool slot, and leaves well-behaved requests running at
+the same time (to another upstream and to the faulty one) byte-exact."""
 
 from __future__ import annotations
 
@@ -16,15 +16,12 @@ import httpx
 import pytest
 
 from service.errors import FAILURES, Reason
-from tests.chaos import SMUGGLED, ChaosUpstream, payload
-from tests.harness import (
-    RunningRelay,
-    closed_port,
-    eventually,
-    metric,
-    pool_settled,
-    run_relay,
-)
+from tests.support.chaos import SMUGGLED, ChaosUpstream, payload
+from tests.support.http import http_client
+from tests.support.metrics import metric
+from tests.support.net import closed_port, eventually
+from tests.support.relays import RunningRelay, pool_settled, run_relay
+from tests.support.wire import connect
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -116,7 +113,7 @@ class Traffic:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Traffic:
-        self._client = httpx.AsyncClient(timeout=10)
+        self._client = http_client(timeout=10)
         self._tasks = [asyncio.create_task(self._worker(w)) for w in range(4)]
         await eventually(lambda: self.done >= 4)
         return self
@@ -163,7 +160,7 @@ async def fetch(
 ) -> Outcome:
     """The response as far as it came: a cut after the headers is ``complete=False``."""
     if client is None:
-        async with httpx.AsyncClient(timeout=10) as own:
+        async with http_client(timeout=10) as own:
             return await fetch(url, method, content, own)
     async with client.stream(method, url, content=content) as response:
         body = b""
@@ -256,11 +253,12 @@ async def test_bytes_past_the_body_never_reach_the_next_request(transport: str) 
     """An upstream that sends more than its Content-Length, a moment later, while the
     connection is idle in the pool: the excess (a complete response) must not be taken as
     the answer to the next request on that connection."""
-    async with world(transport, pool=1) as w, httpx.AsyncClient(timeout=10) as client:
+    async with world(transport, pool=1) as w, http_client(timeout=10) as client:
         for i in range(2):
             outcome = await fetch(f"{w.relay.url}/long/1000/50", client=client)
             assert (outcome.status, outcome.body) == (200, payload("long", 1000))
-            await asyncio.sleep(0.2)  # the excess arrives while the connection is idle
+            # The excess arrives while the connection is idle in the pool.
+            await eventually(lambda: w.chaos.smuggled == i + 1)  # noqa: B023
             for j in range(3):
                 tag = f"after-{i}-{j}"
                 answer = await fetch(f"{w.relay.url}/ok/100/{tag}", client=client)
@@ -277,8 +275,7 @@ async def test_pool_exhausted_is_503_with_retry_after(transport: str) -> None:
         release = asyncio.Event()
 
         async def hold() -> None:
-            host, port = w.relay.url.removeprefix("http://").split(":")
-            _, writer = await asyncio.open_connection(host, int(port))
+            _, writer = await connect(w.relay.url)
             writer.write(b"GET /silent HTTP/1.1\r\nhost: holder\r\n\r\n")
             await release.wait()
             writer.transport.abort()
@@ -316,7 +313,7 @@ async def test_stale_keepalive_race(transport: str) -> None:
         results: list[tuple[str, str, bytes, Outcome]] = []
         async with (
             Traffic(w.relay.url, seed=1109, chaos_too=False) as traffic,
-            httpx.AsyncClient(timeout=10) as client,
+            http_client(timeout=10) as client,
         ):
             for i in range(100):
                 method = rng.choice(BODILESS + WITH_BODY)
@@ -359,7 +356,7 @@ async def test_stale_retry_never_lands_on_another_stale_connection(transport: st
     retry goes out on a new connection, so an idempotent bodiless request never fails."""
     async with (
         world(transport, seed=3, pool=4, stale_ratio=0.3) as w,
-        httpx.AsyncClient(timeout=10) as client,
+        http_client(timeout=10) as client,
     ):
 
         async def sequence(worker: int) -> list[str]:

@@ -35,8 +35,8 @@ from service.headers import (
 )
 from service.routing import Router, rewrite_path
 from service.server.head_checks import path_problem, routing_path
-from tests.harness import RelayProcess, spawn_relay
-from tests.raw_upstream import RecordingUpstream, Seen, recording_upstream_thread
+from tests.support.recording import RecordingUpstream, Seen, recording_upstream_thread
+from tests.support.relays import RelayProcess, spawn_relay
 
 # Derandomized: the same examples on every run, so a red CI always means a change broke
 # something. To explore further, run with a higher max_examples and derandomize off.
@@ -353,6 +353,7 @@ def live(
             yield relay, upstream
 
 
+@pytest.mark.live
 @settings(
     max_examples=120,
     deadline=None,
@@ -379,6 +380,7 @@ def test_live_fuzz_of_raw_request_heads(
     assert relay.process.poll() is None, relay.log()
 
 
+@pytest.mark.live
 def test_the_fuzzed_proxy_logged_no_errors(live: tuple[RelayProcess, RecordingUpstream]) -> None:
     relay, _ = live
     errors = [line for line in relay.log().splitlines() if '"level": "ERROR"' in line]

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from service.upstreams.gate import Gate, GateTimeout
+from tests.support.net import eventually
 
 
 async def test_capacity_and_fifo_handover() -> None:
@@ -79,7 +80,8 @@ async def test_many_cancellations_never_leak() -> None:
             gate.release()
 
     tasks = [asyncio.create_task(user(0.01 * (n % 5))) for n in range(200)]
-    await asyncio.sleep(0.02)
+    # Cancel once some users have been and gone: holders, waiters and the finished mixed.
+    await eventually(lambda: sum(task.done() for task in tasks) >= 10)
     for task in tasks[::2]:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -8,7 +8,6 @@ import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 
 from service.headers import (
@@ -17,18 +16,10 @@ from service.headers import (
     has_body,
     upstream_request_headers,
 )
-from tests.harness import (
-    Request,
-    RunningRelay,
-    ScriptedUpstream,
-    Writer,
-    echo,
-    one_upstream,
-    raw_exchange,
-    respond,
-    run_relay,
-    send_raw,
-)
+from tests.support.http import http_client
+from tests.support.relays import RunningRelay, one_upstream, run_relay
+from tests.support.scripted import Request, ScriptedUpstream, Writer, echo, respond, send_raw
+from tests.support.wire import raw_exchange
 
 CTX = RequestContext(peer="203.0.113.7", scheme="https", http_version="1.1", host=b"edge.example")
 TRUSTED = [ipaddress.ip_network("203.0.113.0/24")]
@@ -298,7 +289,7 @@ async def test_upstream_gets_no_client_library_defaults(
 @pytest.mark.usefixtures("no_error_logs")
 async def test_cookies_are_never_replayed(wire: tuple[RunningRelay, ScriptedUpstream]) -> None:
     relay, upstream = wire
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         response = await client.get(f"{relay.url}/cookie")
         assert response.headers["set-cookie"] == "session=secret; Path=/"
     # Same proxy, same pooled upstream connection, a different client without cookies.
@@ -316,7 +307,7 @@ async def test_request_body_framing(wire: tuple[RunningRelay, ScriptedUpstream])
         for part in (b"one,", b"two,", b"three"):
             yield part
 
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         await client.get(f"{relay.url}/echo")
         bodiless = upstream.seen[-1]
         assert "transfer-encoding" not in bodiless.headers
@@ -351,7 +342,7 @@ async def test_not_modified_with_content_length_keeps_the_connection(
     wire: tuple[RunningRelay, ScriptedUpstream],
 ) -> None:
     relay, _ = wire
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with http_client(timeout=5) as client:
         first = await client.get(f"{relay.url}/304", headers={"if-none-match": '"x"'})
         assert first.status_code == 304
         assert first.content == b""
@@ -366,7 +357,7 @@ async def test_conflicting_framing_is_never_passed_on(
 ) -> None:
     """Transfer-Encoding with Content-Length: forwarding both would desync the client."""
     relay, _ = wire
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with http_client(timeout=5) as client:
         response = await client.get(f"{relay.url}/te-cl")
     if response.status_code == 200:  # httpcore decodes it by Transfer-Encoding
         assert "content-length" not in response.headers

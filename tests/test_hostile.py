@@ -20,13 +20,13 @@ import pytest_asyncio
 
 from service.headers import CLAIMED_NAMES, RequestContext, upstream_request_headers
 from service.server.head_checks import head_problem, path_problem, routing_path
-from tests.harness import RunningRelay, eventually, metric, run_relay
-from tests.raw_upstream import ConnectionLog, RecordingUpstream
+from tests.support.metrics import metric
+from tests.support.net import eventually
+from tests.support.recording import ConnectionLog, RecordingUpstream
+from tests.support.relays import RunningRelay, run_relay
+from tests.support.wire import Response, chunked, connect, exchange, head, read_response
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
-
-Response = tuple[int, dict[str, str], bytes]
-SENTINEL = b"GET /sentinel HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n"
 
 
 @asynccontextmanager
@@ -66,67 +66,22 @@ async def shared_slashes() -> AsyncIterator[Shared]:
         yield running
 
 
-async def read_response(reader: asyncio.StreamReader) -> Response | None:
-    """One response (every response here has a Content-Length), or None at EOF."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return None
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers, body
-
-
-async def exchange(url: str, data: bytes, *, sentinel: bool = True) -> list[Response]:
-    """Send ``data`` on one connection and collect what comes back. If the connection stays
-    open after the first response, a sentinel request follows on it: anything the proxy
-    parsed out of ``data`` is answered before it, so nothing can still be on its way."""
-    host, port = url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    responses: list[Response] = []
-    try:
-        writer.write(data)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            first = await read_response(reader)
-            if first is None:
-                return responses
-            responses.append(first)
-            if first[1].get("connection") != "close" and sentinel:
-                writer.write(SENTINEL)
-                await writer.drain()
-            while (response := await read_response(reader)) is not None:
-                responses.append(response)
-            assert await reader.read() == b""
-    finally:
-        writer.close()
-    return responses
-
-
-def head(*lines: str, body: bytes = b"") -> bytes:
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
 POST = "POST / HTTP/1.1"
 HOST = "Host: t"
+
+
+def chunked_post(body: bytes, *lines: str) -> bytes:
+    """A POST that says ``Transfer-Encoding: chunked`` (then ``lines``), and ``body`` as is."""
+    return head(POST, HOST, "Transfer-Encoding: chunked", *lines, body=body)
+
 
 # Framings a front end and a back end could read differently, and malformed framing.
 SMUGGLING = {
     "cl_and_te": head(
         POST, HOST, "Content-Length: 5", "Transfer-Encoding: chunked", body=b"0\r\n\r\n"
     ),
-    "te_and_cl": head(
-        POST, HOST, "Transfer-Encoding: chunked", "Content-Length: 5", body=b"0\r\n\r\n"
-    ),
-    "te_and_cl_0": head(
-        POST, HOST, "Transfer-Encoding: chunked", "Content-Length: 0", body=b"0\r\n\r\n"
-    ),
+    "te_and_cl": chunked_post(b"0\r\n\r\n", "Content-Length: 5"),
+    "te_and_cl_0": chunked_post(b"0\r\n\r\n", "Content-Length: 0"),
     "cl_twice_same": head(POST, HOST, "Content-Length: 5", "Content-Length: 5", body=b"hello"),
     "cl_twice_different": head(
         POST, HOST, "Content-Length: 5", "Content-Length: 6", body=b"hello!"
@@ -148,9 +103,7 @@ SMUGGLING = {
         POST, HOST, "Transfer-Encoding: gzip, chunked", body=b"5\r\nhello\r\n0\r\n\r\n"
     ),
     "te_chunked_twice": head(POST, HOST, "Transfer-Encoding: chunked, chunked", body=b"0\r\n\r\n"),
-    "te_two_fields": head(
-        POST, HOST, "Transfer-Encoding: chunked", "Transfer-Encoding: chunked", body=b"0\r\n\r\n"
-    ),
+    "te_two_fields": chunked_post(b"0\r\n\r\n", "Transfer-Encoding: chunked"),
     "te_empty": head(POST, HOST, "Transfer-Encoding:", "Content-Length: 5", body=b"hello"),
     "te_vertical_tab": head(POST, HOST, "Transfer-Encoding:\x0bchunked", body=b"0\r\n\r\n"),
     "te_form_feed": head(POST, HOST, "Transfer-Encoding:\x0cchunked", body=b"0\r\n\r\n"),
@@ -164,43 +117,18 @@ SMUGGLING = {
     "bare_lf": b"GET / HTTP/1.1\nHost: t\n\n",
     "bare_lf_in_head": b"GET / HTTP/1.1\r\nHost: t\nX-A: b\r\n\r\n",
     "bare_cr": b"GET / HTTP/1.1\r\nHost: t\rX-A: b\r\n\r\n",
-    "chunk_lf_only": head(POST, HOST, "Transfer-Encoding: chunked", body=b"5\nhello\n0\n\n"),
-    "chunk_size_overflow": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"FFFFFFFFFFFFFFFFF5\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_size_2_64_plus_5": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"10000000000000005\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_size_negative": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"-5\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_size_0x": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"0x5\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_size_space": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"5 \r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_ext_nul": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"5;\x00\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_ext_bare_lf": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"5;a\nb\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_ext_space_before": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"5 ;a\r\nhello\r\n0\r\n\r\n"
-    ),
-    "chunk_ext_unterminated_quote": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b'5;a="b\r\nhello\r\n0\r\n\r\n'
-    ),
-    "chunk_data_overrun": head(
-        POST, HOST, "Transfer-Encoding: chunked", body=b"5\r\nhelloXX\r\n0\r\n\r\n"
-    ),
-    "trailer_content_length": head(
-        POST,
-        HOST,
-        "Transfer-Encoding: chunked",
-        body=b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n",
-    ),
+    "chunk_lf_only": chunked_post(b"5\nhello\n0\n\n"),
+    "chunk_size_overflow": chunked_post(b"FFFFFFFFFFFFFFFFF5\r\nhello\r\n0\r\n\r\n"),
+    "chunk_size_2_64_plus_5": chunked_post(b"10000000000000005\r\nhello\r\n0\r\n\r\n"),
+    "chunk_size_negative": chunked_post(b"-5\r\nhello\r\n0\r\n\r\n"),
+    "chunk_size_0x": chunked_post(b"0x5\r\nhello\r\n0\r\n\r\n"),
+    "chunk_size_space": chunked_post(b"5 \r\nhello\r\n0\r\n\r\n"),
+    "chunk_ext_nul": chunked_post(b"5;\x00\r\nhello\r\n0\r\n\r\n"),
+    "chunk_ext_bare_lf": chunked_post(b"5;a\nb\r\nhello\r\n0\r\n\r\n"),
+    "chunk_ext_space_before": chunked_post(b"5 ;a\r\nhello\r\n0\r\n\r\n"),
+    "chunk_ext_unterminated_quote": chunked_post(b'5;a="b\r\nhello\r\n0\r\n\r\n'),
+    "chunk_data_overrun": chunked_post(b"5\r\nhelloXX\r\n0\r\n\r\n"),
+    "trailer_content_length": chunked_post(b"5\r\nhello\r\n0\r\nContent-Length: 5\r\n\r\n"),
     "upgrade_with_body": head(
         POST, HOST, "Connection: upgrade", "Upgrade: foo", "Content-Length: 5", body=b"hello"
     ),
@@ -211,7 +139,7 @@ SMUGGLING = {
     "ctl_in_value": head("GET / HTTP/1.1", HOST, "X-A: a\x01b"),
     "empty_header_name": head("GET / HTTP/1.1", HOST, ": x"),
     "lowercase_method": head("get / HTTP/1.1", HOST),
-    "space_in_target": b"GET /a b HTTP/1.1\r\nHost: t\r\n\r\n",
+    "space_in_target": head("GET /a b HTTP/1.1", HOST),
 }
 
 
@@ -233,10 +161,6 @@ async def test_smuggling_attempts_are_refused_and_reach_no_upstream(
     assert await metric(running, "relay_requests_total", upstream="-", code="400") == refusals + 1
 
 
-def chunked(*chunks: bytes) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
-
-
 HIDDEN = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
 
 # Valid, if unusual: forwarded as exactly one request, framed by the proxy itself.
@@ -252,11 +176,11 @@ ACCEPTED = {
     "te_uppercase": (head(POST, HOST, "Transfer-Encoding: CHUNKED", body=chunked(b"ab")), b"ab"),
     "cl_leading_zeros": (head(POST, HOST, "Content-Length: 005", body=b"hello"), b"hello"),
     "chunk_extension": (
-        head(POST, HOST, "Transfer-Encoding: chunked", body=b"5;a=b\r\nhello\r\n0\r\n\r\n"),
+        chunked_post(b"5;a=b\r\nhello\r\n0\r\n\r\n"),
         b"hello",
     ),
     "chunk_extension_quoted": (
-        head(POST, HOST, "Transfer-Encoding: chunked", body=b'5;a="b c"\r\nhello\r\n0\r\n\r\n'),
+        chunked_post(b'5;a="b c"\r\nhello\r\n0\r\n\r\n'),
         b"hello",
     ),
     # A request hidden in a body is body data, not a second request.
@@ -265,7 +189,7 @@ ACCEPTED = {
         HIDDEN,
     ),
     "hidden_in_chunk": (
-        head(POST, HOST, "Transfer-Encoding: chunked", body=chunked(b"0\r\n\r\n" + HIDDEN)),
+        chunked_post(chunked(b"0\r\n\r\n" + HIDDEN)),
         b"0\r\n\r\n" + HIDDEN,
     ),
 }
@@ -328,9 +252,8 @@ async def test_a_body_error_after_forwarding_began_aborts_the_upstream_request(
     the upstream a request whose end never comes, on a connection closed and never reused."""
     running, upstream = shared
     since = len(upstream.arrivals)
-    host, port = running.url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(head(POST, "Host: t", "Transfer-Encoding: chunked") + b"5\r\nhello\r\n")
+    reader, writer = await connect(running.url)
+    writer.write(chunked_post(b"5\r\nhello\r\n"))
     await writer.drain()
 
     def aborting() -> list[ConnectionLog]:
@@ -362,14 +285,14 @@ async def test_a_body_error_after_forwarding_began_aborts_the_upstream_request(
 @pytest.mark.parametrize(
     "data",
     [
-        b"GET http://evil.example/ HTTP/1.1\r\nHost: t\r\n\r\n",
-        b"GET http://127.0.0.1:1/admin HTTP/1.1\r\nHost: t\r\n\r\n",
-        b"GET https://evil.example HTTP/1.1\r\nHost: evil.example\r\n\r\n",
-        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
-        b"CONNECT /public HTTP/1.1\r\nHost: t\r\n\r\n",
-        b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n",
-        b"GET evil.example/ HTTP/1.1\r\nHost: t\r\n\r\n",
-        b"GET /public#/../admin HTTP/1.1\r\nHost: t\r\n\r\n",
+        head("GET http://evil.example/ HTTP/1.1", HOST),
+        head("GET http://127.0.0.1:1/admin HTTP/1.1", HOST),
+        head("GET https://evil.example HTTP/1.1", "Host: evil.example"),
+        head("CONNECT evil.example:443 HTTP/1.1", "Host: evil.example:443"),
+        head("CONNECT /public HTTP/1.1", HOST),
+        head("OPTIONS * HTTP/1.1", HOST),
+        head("GET evil.example/ HTTP/1.1", HOST),
+        head("GET /public#/../admin HTTP/1.1", HOST),
     ],
 )
 async def test_targets_not_in_origin_form_are_refused(data: bytes, shared: Shared) -> None:
@@ -569,8 +492,7 @@ async def test_an_endless_head_is_refused_while_it_arrives(prefix: bytes) -> Non
     """A header value (or target, or name) that never ends: refused once the limits are
     passed, long before the client stops sending, so memory stays bounded."""
     async with proxy() as (running, upstream):
-        host, port = running.url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await connect(running.url)
         writer.write(prefix)
         sent = len(prefix)
         piece = b"a" * 16384
@@ -611,11 +533,10 @@ async def test_body_limit_by_content_length_is_checked_before_any_upstream_conta
 
 async def test_chunked_body_over_the_limit_aborts_the_upstream_request() -> None:
     async with proxy(limits={"max_body_bytes": 1000}) as (running, upstream):
-        ok = head(POST, HOST, "Transfer-Encoding: chunked", body=chunked(b"x" * 600, b"y" * 400))
+        ok = chunked_post(chunked(b"x" * 600, b"y" * 400))
         assert (await exchange(running.url, ok))[0][0] == 200
-        host, port = running.url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(head(POST, HOST, "Transfer-Encoding: chunked") + b"258\r\n" + b"x" * 600)
+        reader, writer = await connect(running.url)
+        writer.write(chunked_post(b"258\r\n" + b"x" * 600))
         await writer.drain()
         for _ in range(250):
             if len(upstream.connections) == 2 or any(
@@ -660,8 +581,7 @@ async def test_refusals_are_logged_like_other_exchanges(
 
 async def test_head_request_refusal_has_no_body() -> None:
     async with proxy(limits={"max_request_target_bytes": 100}) as (running, _):
-        host, port = running.url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await connect(running.url)
         writer.write(head("HEAD /" + "a" * 200 + " HTTP/1.1", HOST))
         async with asyncio.timeout(10):
             raw = await reader.read()

@@ -15,8 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.harness import closed_port, free_port, wait_http
-from tests.k8s_render import ROOT, TARGETS, kubectl, one, rendered, rendered_text
+from tests.support.k8s import TARGETS, kubectl, one, rendered, rendered_text
+from tests.support.net import closed_port, free_port, wait_http
+from tests.support.tools import ROOT, python_tool
 
 OVERLAYS = [target for target in TARGETS if target.startswith("overlays/")]
 # Each checkov skip is declared on the Deployment with its reason; production pins its image
@@ -29,12 +30,6 @@ ALLOWED_SKIPS = {
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
-def tool(name: str) -> str:
-    path = shutil.which(name) or str(Path(sys.executable).with_name(name))
-    assert Path(path).exists(), f"{name} not found: pip install -e '.[test]' installs it"
-    return path
-
-
 def settings(target: str) -> dict[str, str]:
     """An overlay's settings (its local-config ConfigMap, never deployed)."""
     overlay = ROOT / "k8s" / target
@@ -45,6 +40,7 @@ def settings(target: str) -> dict[str, str]:
     return data
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", TARGETS)
 def test_kustomize_renders(target: str) -> None:
     kinds = {d["kind"] for d in rendered(target)}
@@ -77,12 +73,13 @@ def test_every_overlay_the_readme_names_is_rendered_by_these_tests() -> None:
     assert on_disk == set(OVERLAYS)
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", TARGETS)
 def test_schema_strict(target: str, tmp_path: Path) -> None:
     path = tmp_path / "rendered.yaml"
     path.write_text(rendered_text(target))
     result = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", "1.32.0", str(path)],
+        [python_tool("kubernetes-validate"), "--strict", "-k", "1.32.0", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -91,6 +88,7 @@ def test_schema_strict(target: str, tmp_path: Path) -> None:
     assert "ERROR" not in result.stdout
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_operator_resources_match_their_schemas(target: str) -> None:
     from cloudcoil.models.prometheus_operator import v1
@@ -106,12 +104,13 @@ def test_operator_resources_match_their_schemas(target: str) -> None:
         assert dumped["spec"] == document["spec"], kind
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_checkov_finds_nothing(target: str, tmp_path: Path) -> None:
     (tmp_path / "rendered.yaml").write_text(rendered_text(target))
     result = subprocess.run(
         [
-            tool("checkov"),
+            python_tool("checkov"),
             "--framework",
             "kubernetes",
             "--skip-download",
@@ -138,6 +137,7 @@ def test_checkov_finds_nothing(target: str, tmp_path: Path) -> None:
         assert check["suppress_comment"].strip(), check["check_id"]
 
 
+@pytest.mark.live
 def test_restricted_pod_security_and_rollout() -> None:
     deployment = one(rendered("overlays/production"), "Deployment")
     spec = deployment["spec"]
@@ -160,6 +160,7 @@ def test_restricted_pod_security_and_rollout() -> None:
     assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
 
 
+@pytest.mark.live
 def test_production_pins_its_image_by_digest() -> None:
     (container,) = one(rendered("overlays/production"), "Deployment")["spec"]["template"]["spec"][
         "containers"
@@ -170,6 +171,7 @@ def test_production_pins_its_image_by_digest() -> None:
     assert container["imagePullPolicy"] == "IfNotPresent"
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_resources_probes_and_spread(target: str) -> None:
     pod = one(rendered(target), "Deployment")["spec"]["template"]["spec"]
@@ -186,6 +188,7 @@ def test_resources_probes_and_spread(target: str) -> None:
         assert constraint["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "relay"}
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", TARGETS)
 def test_no_replicas_where_an_hpa_owns_the_deployment(target: str) -> None:
     documents = rendered(target)
@@ -200,6 +203,7 @@ def test_no_replicas_where_an_hpa_owns_the_deployment(target: str) -> None:
             assert "replicas" not in document["spec"], f"{target}: replicas fights the HPA"
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_a_stock_kube_prometheus_stack_selects_the_monitoring_objects(target: str) -> None:
     """kube-prometheus-stack's Prometheus selects ServiceMonitors and PrometheusRules by
@@ -210,6 +214,7 @@ def test_a_stock_kube_prometheus_stack_selects_the_monitoring_objects(target: st
         assert document["metadata"]["labels"]["release"] == release, kind
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_network_policy_names_a_source_for_every_rule(target: str) -> None:
     policy = one(rendered(target), "NetworkPolicy")
@@ -225,6 +230,7 @@ def test_network_policy_names_a_source_for_every_rule(target: str) -> None:
     ]
 
 
+@pytest.mark.live
 def test_overlay_settings_are_one_place_each(tmp_path: Path) -> None:
     """Changing a setting in an overlay's settings.yaml changes every place it is used."""
     copy = tmp_path / "k8s"
@@ -252,6 +258,7 @@ def test_overlay_settings_are_one_place_each(tmp_path: Path) -> None:
     assert "monitoring" not in json.dumps(metrics_rule)
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_rules_are_scoped_to_the_namespace_they_are_installed_in(target: str) -> None:
     rule = one(rendered(target), "PrometheusRule")
@@ -270,6 +277,7 @@ def dashboard_uids(documents: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+@pytest.mark.live
 def test_no_dashboard_uid_is_shipped_by_two_overlays() -> None:
     """Dashboards ship once per Grafana (``kubectl apply -k dashboards -n monitoring``), with
     cluster and namespace variables, not as copies per deployment."""
@@ -281,6 +289,7 @@ def test_no_dashboard_uid_is_shipped_by_two_overlays() -> None:
     assert not seen, "the overlays ship no dashboards: they are applied once, from dashboards/"
 
 
+@pytest.mark.live
 def test_optional_hpa_on_requests_in_flight(tmp_path: Path) -> None:
     """The component adds a Pods metric to the CPU one; the result is a valid HPA."""
     overlay = tmp_path / "overlay"
@@ -308,7 +317,7 @@ def test_optional_hpa_on_requests_in_flight(tmp_path: Path) -> None:
     path = tmp_path / "hpa.yaml"
     path.write_text(yaml.safe_dump(hpa))
     result = subprocess.run(
-        [tool("kubernetes-validate"), "--strict", "-k", "1.32.0", str(path)],
+        [python_tool("kubernetes-validate"), "--strict", "-k", "1.32.0", str(path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0 and "ERROR" not in result.stdout, result.stdout + result.stderr
@@ -325,6 +334,7 @@ def dockerfile_command() -> list[str]:
     return [*entry, *cmd]
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("target", OVERLAYS)
 def test_manifests_start_the_service_they_describe(target: str, tmp_path: Path) -> None:
     """Start the service as the Deployment would, then probe it as the kubelet would."""

@@ -79,9 +79,16 @@ def test_text_format_and_level(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_access_log_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None:
+    # The control: the same exchange, logged the same way, with the access log on.
+    configure(LogConfig(access_log=True))
+    AccessLogObserver().finished(finished_exchange())
+    assert json.loads(capsys.readouterr().out.strip())["logger"] == "relay.access"
     configure(LogConfig(access_log=False))
     AccessLogObserver().finished(finished_exchange())
-    assert "relay.access" not in capsys.readouterr().out
+    logging.getLogger("relay.proxy").warning("other lines still go out")
+    out = capsys.readouterr().out
+    assert "relay.access" not in out
+    assert json.loads(out.strip())["message"] == "other lines still go out"
 
 
 def test_only_the_deliberate_abort_message_is_filtered(capsys: pytest.CaptureFixture[str]) -> None:

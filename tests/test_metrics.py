@@ -11,42 +11,25 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import (
-    RunningRelay,
+from tests.support.http import http_client
+from tests.support.metrics import exposition_async, scrape_async, value
+from tests.support.net import closed_port, eventually
+from tests.support.relays import RunningRelay, run_relay
+from tests.support.scripted import (
     ScriptedUpstream,
-    closed_port,
     delayed,
     echo,
     endless_stream,
-    eventually,
     hang,
-    raw_request,
     reset_mid_body,
     respond,
-    run_relay,
 )
-from tests.tools import require_tool
+from tests.support.tools import require_tool
+from tests.support.wire import raw_request
 
 N_OK, N_MISSING, N_SLOW, N_CONNECT, N_HANG, N_STREAM, N_RESET, N_ECHO = 7, 5, 2, 3, 2, 3, 2, 4
 ECHO_SIZE = 1000
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-def value(
-    metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in metrics.items() if n == name and wanted <= ls)
 
 
 @pytest.fixture
@@ -79,15 +62,8 @@ async def mix() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
             yield running, upstream
 
 
-async def scrape(running: RunningRelay) -> str:
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"{running.admin_url}/metrics")
-    assert response.status_code == 200
-    return response.text
-
-
 async def drive_mix(running: RunningRelay, upstream: ScriptedUpstream) -> None:
-    async with httpx.AsyncClient(base_url=running.url, timeout=10) as client:
+    async with http_client(base_url=running.url, timeout=10) as client:
         for _ in range(N_OK):
             assert (await client.get("/ok")).status_code == 200
         for _ in range(N_MISSING):
@@ -121,15 +97,11 @@ async def test_counters_match_ground_truth(mix: tuple[RunningRelay, ScriptedUpst
 
     await eventually(settled)
 
-    async def finished() -> bool:
-        m = samples(await scrape(running))
-        return value(m, "relay_requests_total", upstream="a") == total_a
-
-    for _ in range(100):
-        if await finished():
+    for _ in range(100):  # bounded: each exchange is counted as its handler ends
+        m = await scrape_async(running.admin_url)
+        if value(m, "relay_requests_total", upstream="a") == total_a:
             break
         await asyncio.sleep(0.05)
-    m = samples(await scrape(running))
 
     assert value(m, "relay_requests_total", upstream="a", code="200") == N_OK + N_STREAM + N_RESET
     assert value(m, "relay_requests_total", upstream="a", code="404") == N_MISSING
@@ -181,18 +153,18 @@ async def test_pool_timeout_and_saturation_counted() -> None:
             },
             "routes": [{"prefix": "/", "upstream": "a"}],
         }
-        async with run_relay(config) as running, httpx.AsyncClient(timeout=5) as client:
+        async with run_relay(config) as running, http_client(timeout=5) as client:
             first = asyncio.create_task(client.get(f"{running.url}/slow"))
             await eventually(lambda: running.relay.upstreams()["a"].snapshot().in_use == 1)
-            m = samples(await scrape(running))
+            m = await scrape_async(running.admin_url)
             assert value(m, "relay_pool_connections", upstream="a", state="in_use") == 1
             second = asyncio.create_task(client.get(f"{running.url}/slow"))
             await eventually(lambda: running.relay.upstreams()["a"].snapshot().waiting == 1)
-            m = samples(await scrape(running))
+            m = await scrape_async(running.admin_url)
             assert value(m, "relay_pool_waiting_requests", upstream="a") == 1
             assert (await second).status_code == 503
             assert (await first).status_code == 200
-            m = samples(await scrape(running))
+            m = await scrape_async(running.admin_url)
             assert value(m, "relay_pool_timeouts_total", upstream="a") == 1
             assert value(m, "relay_upstream_errors_total", upstream="a", reason="pool_timeout") == 1
             assert value(m, "relay_requests_total", upstream="a", code="503") == 1
@@ -202,17 +174,17 @@ async def test_pool_timeout_and_saturation_counted() -> None:
 
 async def test_unknown_methods_are_folded(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, _ = mix
-    async with httpx.AsyncClient(base_url=running.url) as client:
+    async with http_client(base_url=running.url) as client:
         await client.request("PROPFIND", "/ok")
         await client.request("PURGE", "/ok")
-    m = samples(await scrape(running))
+    m = await scrape_async(running.admin_url)
     assert value(m, "relay_requests_total", method="other") == 2
     assert not any("PROPFIND" in str(labels) for (_, labels) in m)
 
 
 async def test_openmetrics_when_asked(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, _ = mix
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         plain = await client.get(f"{running.admin_url}/metrics")
         om = await client.get(
             f"{running.admin_url}/metrics", headers={"accept": "application/openmetrics-text"}
@@ -224,11 +196,12 @@ async def test_openmetrics_when_asked(mix: tuple[RunningRelay, ScriptedUpstream]
     assert slash.status_code == 404  # exact route, no redirect
 
 
+@pytest.mark.live
 async def test_promtool_accepts_exposition(mix: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, upstream = mix
     await drive_mix(running, upstream)
     promtool = require_tool("promtool")
-    text = await scrape(running)
+    text = await exposition_async(running.admin_url)
     process = await asyncio.create_subprocess_exec(
         promtool,
         "check",
@@ -255,8 +228,8 @@ async def test_counters_start_at_zero_for_every_configured_upstream_and_route() 
             {"prefix": "/", "upstream": "web"},
         ],
     }
-    async with run_relay(config) as relay, httpx.AsyncClient() as client:
-        got = samples((await client.get(f"{relay.admin_url}/metrics")).text)
+    async with run_relay(config) as relay:
+        got = await scrape_async(relay.admin_url)
 
     def series(name: str, **labels: str) -> float | None:
         return got.get((name, frozenset(labels.items())))
@@ -300,6 +273,7 @@ sys.stdout.write(body.decode())
 """
 
 
+@pytest.mark.live
 def test_pool_gauges_are_the_same_with_one_process_and_with_several(tmp_path: Any) -> None:
     """One definition of the pool gauges: read at scrape time in one process, sampled into
     live gauges with several; the scrape answers the same either way."""

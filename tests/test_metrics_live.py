@@ -14,25 +14,13 @@ import httpx
 import psutil
 import pytest
 
-from tests.harness import free_port, spawn_relay, wait_http
-from tests.otlp_receiver import otlp_receiver
-from tests.prometheus_server import Prometheus, prometheus
-from tests.test_metrics import samples, value
+from tests.support.metrics import exposition, samples, scrape, value
+from tests.support.net import wait_http, wait_until
+from tests.support.otlp import otlp_receiver
+from tests.support.prometheus import Prometheus, prometheus
+from tests.support.relays import demo_config, spawn_relay, worker_processes
 
-
-def demo_config(**server: Any) -> dict[str, Any]:
-    demo_port = free_port()
-    return {
-        "server": {"drain_delay_seconds": 0, "grace_period_seconds": 2, **server},
-        "log": {"access_log": False},
-        "demo": {"enabled": True, "host": "127.0.0.1", "port": demo_port},
-        "upstreams": {"demo": {"url": f"http://127.0.0.1:{demo_port}"}},
-        "routes": [{"prefix": "/", "upstream": "demo"}],
-    }
-
-
-def scrape(admin_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return samples(httpx.get(f"{admin_url}/metrics", timeout=5).text)
+pytestmark = pytest.mark.live
 
 
 def test_two_workers_sum_counters_and_drop_dead_workers_gauges(tmp_path: Path) -> None:
@@ -56,10 +44,11 @@ def test_two_workers_sum_counters_and_drop_dead_workers_gauges(tmp_path: Path) -
         # Park requests in both workers, then kill both: their live gauges must go.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             parked = [pool.submit(_get_quietly, f"{relay.url}/delay/30") for _ in range(8)]
-            deadline = time.monotonic() + 10
-            while value(scrape(relay.admin_url), "relay_requests_in_flight") < 8:
-                assert time.monotonic() < deadline, "requests never became in-flight"
-                time.sleep(0.05)
+            wait_until(
+                lambda: value(scrape(relay.admin_url), "relay_requests_in_flight") >= 8,
+                10,
+                "requests never became in-flight",
+            )
             for worker in workers:
                 worker.send_signal(signal.SIGKILL)
             for future in parked:
@@ -78,11 +67,6 @@ def test_two_workers_sum_counters_and_drop_dead_workers_gauges(tmp_path: Path) -
         wait_http(f"{relay.admin_url}/readyz")
         # Counters of the dead workers are history and stay.
         assert value(m, "relay_requests_total", upstream="demo", code="200") == 40
-
-
-def worker_processes(supervisor: psutil.Process) -> list[psutil.Process]:
-    # multiprocessing's spawn also starts a resource tracker; workers run spawn_main.
-    return [p for p in supervisor.children() if "resource_tracker" not in " ".join(p.cmdline())]
 
 
 def _get_quietly(url: str) -> None:
@@ -144,7 +128,7 @@ def test_empty_multiprocess_dir_means_single_process_metrics(tmp_path: Path) -> 
     with spawn_relay(demo_config(), tmp_path, {"PROMETHEUS_MULTIPROC_DIR": ""}) as relay:
         for _ in range(5):
             assert httpx.get(f"{relay.url}/").status_code == 200
-        text = httpx.get(f"{relay.admin_url}/metrics").text
+        text = exposition(relay.admin_url)
     assert value(samples(text), "relay_requests_total", upstream="demo", code="200") == 5
     assert "process_resident_memory_bytes" in text  # only in single-process mode
     assert set(Path.cwd().glob("*.db")) == before

@@ -22,26 +22,30 @@ import psutil
 import pytest
 import yaml
 
-from tests.alert_rules import plain_groups
-from tests.dashboard_queries import DASHBOARDS, annotation_queries, load, panel_queries
-from tests.harness import (
+from tests.support.dashboards import DASHBOARDS, annotation_queries, load, panel_queries
+from tests.support.http import http_client
+from tests.support.net import closed_port, eventually
+from tests.support.prometheus import Prometheus, prometheus
+from tests.support.relays import (
     RelayProcess,
     RunningRelay,
-    ScriptedUpstream,
-    closed_port,
-    delayed,
-    endless_stream,
-    eventually,
-    hang,
-    raw_request,
-    reset_mid_body,
-    respond,
     run_relay,
     spawn_relay,
+    worker_processes,
+)
+from tests.support.rules import plain_groups
+from tests.support.scripted import (
+    ScriptedUpstream,
+    delayed,
+    endless_stream,
+    hang,
+    reset_mid_body,
+    respond,
     stale_after_first,
 )
-from tests.prometheus_server import Prometheus, prometheus
-from tests.test_metrics_live import worker_processes
+from tests.support.wire import raw_request
+
+pytestmark = pytest.mark.live
 
 
 def shipped_rules(tmp_path: Path) -> Path:
@@ -111,7 +115,7 @@ async def faulty_relay() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]
 async def drive_faults(url: str, upstream: ScriptedUpstream, rounds: int) -> None:
     """One pass of everything the dashboards and alerts look at, ``rounds`` times, through
     the Relay at ``url``."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with http_client(base_url=url, timeout=10) as client:
         for _ in range(rounds):
             await asyncio.gather(*(client.get("/ok") for _ in range(10)))
             await client.post("/ok", content=b"x" * 2048)
@@ -129,7 +133,7 @@ async def drive_faults(url: str, upstream: ScriptedUpstream, rounds: int) -> Non
                 url, "/hang", hang_up_when=lambda seen=seen: len(upstream.seen) > seen
             )
             # Stale keep-alive: the second request on a connection is dropped and retried.
-            async with httpx.AsyncClient(base_url=url) as fresh:
+            async with http_client(base_url=url) as fresh:
                 await fresh.get("/stale")
                 await fresh.get("/stale")
             # Saturate the tight pool: two held, the rest wait and time out; enough of them
@@ -234,7 +238,7 @@ async def test_alerts_fire_against_a_real_prometheus(tmp_path: Path) -> None:
             }
             alerts: dict[str, list[dict[str, Any]]] = {}
             deadline = asyncio.get_running_loop().time() + 90
-            async with httpx.AsyncClient(timeout=10) as holder:
+            async with http_client(timeout=10) as holder:
                 while not wanted <= set(alerts):
                     missing = sorted(wanted - set(alerts))
                     assert asyncio.get_running_loop().time() < deadline, missing

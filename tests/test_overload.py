@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -17,21 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.upstreams.gate import Gate, GateFull, GateTimeout
-from tests.harness import (
-    Request,
-    ScriptedUpstream,
-    Writer,
-    eventually,
-    one_upstream,
-    respond,
-    spawn_relay,
-)
+from tests.support.metrics import scrape_async, value
+from tests.support.net import eventually
+from tests.support.relays import one_upstream, spawn_relay
+from tests.support.scripted import Request, ScriptedUpstream, Writer, respond
+from tests.support.wire import Reply, Unanswered, connect, fetch, read_all, refused
 
 FLOOD = 300
 MIB = 1 << 20
@@ -69,82 +62,6 @@ async def test_gate_with_no_queue_refuses_as_soon_as_it_is_full() -> None:
     gate.release()
     await gate.acquire(None)
     assert (gate.in_use, gate.waiting) == (2, 0)
-
-
-# -- clients over raw sockets ---------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    seconds: float
-
-
-class Unanswered(ConnectionError):
-    """The connection was reset or closed before a single byte of response."""
-
-
-async def read_all(reader: asyncio.StreamReader) -> bytes:
-    received = b""
-    try:
-        while chunk := await reader.read(65536):
-            received += chunk
-    except ConnectionResetError:
-        if not received:
-            raise Unanswered("reset") from None
-        raise ConnectionError(f"reset after {len(received)} bytes") from None
-    if not received:
-        raise Unanswered("closed")
-    return received
-
-
-async def fetch(url: str, path: str, *, body: bytes | None = None, within: float = 60) -> Reply:
-    """One request on a fresh connection (``connection: close``); read until the server
-    closes. Raises on a connection that ends without a complete response."""
-    host, port = url.removeprefix("http://").split(":")
-    started = time.monotonic()
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        method = "POST" if body is not None else "GET"
-        head = f"{method} {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n"
-        if body is not None:
-            head += f"content-length: {len(body)}\r\n"
-        writer.write(head.encode() + b"\r\n" + (body or b""))
-        await writer.drain()
-        raw = await asyncio.wait_for(read_all(reader), within)
-    finally:
-        writer.close()
-    head_bytes, sep, payload = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise ConnectionError(f"no complete response head: {raw[:80]!r}")
-    lines = head_bytes.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", -1))
-    if length != len(payload):
-        raise ConnectionError(f"truncated response: {len(payload)} of {length} bytes")
-    return Reply(int(lines[0].split(" ", 2)[1]), headers, payload, time.monotonic() - started)
-
-
-async def scrape(admin_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"{admin_url}/metrics")).text
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def total(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    wanted = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and wanted <= lab)
 
 
 @dataclass
@@ -191,6 +108,7 @@ async def warm_up(url: str) -> None:
 # -- pool level: max_waiting ----------------------------------------------------------------
 
 
+@pytest.mark.live
 async def test_a_full_pool_queue_sheds_the_excess_at_once(
     tmp_path: Path, held_upstream: HeldUpstream
 ) -> None:
@@ -203,7 +121,7 @@ async def test_a_full_pool_queue_sheds_the_excess_at_once(
     with spawn_relay(quiet(config), tmp_path) as relay:
         process = psutil.Process(relay.process.pid)
         await warm_up(relay.url)
-        before, rss_before = await scrape(relay.admin_url), process.memory_info().rss
+        before, rss_before = await scrape_async(relay.admin_url), process.memory_info().rss
         rss_peak = rss_before
         for _ in range(2):
             held_upstream.release.clear()
@@ -212,9 +130,9 @@ async def test_a_full_pool_queue_sheds_the_excess_at_once(
             # Every excess request is answered while the upstream still holds all admitted
             # ones: nobody waited for a connection beyond the queue.
             await eventually(finished(tasks, excess), within=60)
-            m = await scrape(relay.admin_url)
-            assert total(m, "relay_pool_connections", state="in_use") == pool
-            assert total(m, "relay_pool_waiting_requests") == queue
+            m = await scrape_async(relay.admin_url)
+            assert value(m, "relay_pool_connections", state="in_use") == pool
+            assert value(m, "relay_pool_waiting_requests") == queue
             assert held_upstream.holding == pool
             rss_peak = max(rss_peak, process.memory_info().rss)
             early = {i for i, t in enumerate(tasks) if t.done()}
@@ -233,11 +151,11 @@ async def test_a_full_pool_queue_sheds_the_excess_at_once(
             assert [(r.status, r.body) for r in admitted] == [(200, b"done")] * (pool + queue)
             await eventually(lambda: held_upstream.holding == 0)
 
-        after = await scrape(relay.admin_url)
+        after = await scrape_async(relay.admin_url)
         rss_after = process.memory_info().rss
 
     def delta(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
+        return value(after, name, **labels) - value(before, name, **labels)
 
     rounds_excess = 2 * (FLOOD - pool - queue)
     assert delta("relay_requests_total", code="503") == rounds_excess
@@ -245,15 +163,16 @@ async def test_a_full_pool_queue_sheds_the_excess_at_once(
     assert delta("relay_pool_timeouts_total") == rounds_excess
     assert delta("relay_upstream_errors_total", reason="pool_timeout") == rounds_excess
     assert held_upstream.arrived == 2 * (pool + queue)
-    assert total(after, "relay_pool_connections", state="in_use") == 0
-    assert total(after, "relay_pool_waiting_requests") == 0
-    assert total(after, "relay_requests_in_flight") == 0
+    assert value(after, "relay_pool_connections", state="in_use") == 0
+    assert value(after, "relay_pool_waiting_requests") == 0
+    assert value(after, "relay_requests_in_flight") == 0
     assert max(rss_peak, rss_after) - rss_before < RSS_GROWTH_LIMIT, (rss_before, rss_peak)
 
 
 # -- server level: limit_concurrency --------------------------------------------------------
 
 
+@pytest.mark.live
 async def test_server_concurrency_limit_sheds_the_excess_at_once(
     tmp_path: Path, held_upstream: HeldUpstream
 ) -> None:
@@ -266,7 +185,7 @@ async def test_server_concurrency_limit_sheds_the_excess_at_once(
     with spawn_relay(quiet(config, limit_concurrency=limit), tmp_path) as relay:
         process = psutil.Process(relay.process.pid)
         await warm_up(relay.url)
-        before, rss_before = await scrape(relay.admin_url), process.memory_info().rss
+        before, rss_before = await scrape_async(relay.admin_url), process.memory_info().rss
         # Requests already admitted and held upstream...
         early = [asyncio.create_task(fetch(relay.url, "/held")) for _ in range(first)]
         await eventually(lambda: held_upstream.holding == first, within=30)
@@ -302,11 +221,11 @@ async def test_server_concurrency_limit_sheds_the_excess_at_once(
         await eventually(lambda: held_upstream.holding == 0)
         # The pool is unaffected and the process takes traffic again at once.
         assert (await fetch(relay.url, "/fast")).status == 200
-        after = await scrape(relay.admin_url)
+        after = await scrape_async(relay.admin_url)
         rss_after = process.memory_info().rss
 
     def delta(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
+        return value(after, name, **labels) - value(before, name, **labels)
 
     # Refused at once, yet counted like any other exchange of their route: as requests with
     # code 503, under the reason "overloaded", and as failures of the availability SLI.
@@ -315,7 +234,7 @@ async def test_server_concurrency_limit_sheds_the_excess_at_once(
     assert delta("relay_requests_total", route="up", code="503") == refusals
     assert delta("relay_upstream_errors_total", upstream="up", reason="overloaded") == refusals
     assert delta("relay_requests_failed_total", upstream="up", route="up") == refusals
-    assert total(after, "relay_pool_connections", state="in_use") == 0
+    assert value(after, "relay_pool_connections", state="in_use") == 0
     assert max(rss_peak, rss_after) - rss_before < RSS_GROWTH_LIMIT, (rss_before, rss_peak)
 
 
@@ -372,6 +291,7 @@ async def client_loop(url: str, n: int, result: LoadResult, closed: list[float])
             result.ok_after_close += 1
 
 
+@pytest.mark.live
 async def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> None:
     result, closed = LoadResult(), []
     upstream = ScriptedUpstream({"/data": result.answer_slowly})
@@ -407,6 +327,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(tmp_path: Path) -> N
     assert "Traceback" not in log
 
 
+@pytest.mark.live
 async def test_a_connection_accepted_before_the_listener_closed_is_served(
     tmp_path: Path,
 ) -> None:
@@ -415,8 +336,7 @@ async def test_a_connection_accepted_before_the_listener_closed_is_served(
     async with upstream.running():
         config = quiet(one_upstream(upstream.url), drain_delay_seconds=0, grace_period_seconds=10)
         with spawn_relay(config, tmp_path) as relay:
-            host, port = relay.url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
+            reader, writer = await connect(relay.url)
             writer.write(b"GET /x HTTP/1.1\r\n")
             await writer.drain()
             local_port = writer.get_extra_info("sockname")[1]
@@ -440,9 +360,3 @@ async def test_a_connection_accepted_before_the_listener_closed_is_served(
     assert b"connection: close" in head.lower()
     assert body == b"served"
     assert exit_code == 0
-
-
-def refused(url: str) -> bool:
-    host, port = url.removeprefix("http://").split(":")
-    with socket.socket() as sock:
-        return sock.connect_ex((host, int(port))) != 0

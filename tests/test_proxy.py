@@ -6,20 +6,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
-from tests.harness import (
-    Request,
-    RunningRelay,
-    ScriptedUpstream,
-    Writer,
-    echo,
-    one_upstream,
-    raw_exchange,
-    respond,
-    run_relay,
-)
+from tests.support.http import http_client
+from tests.support.relays import RunningRelay, one_upstream, run_relay
+from tests.support.scripted import Request, ScriptedUpstream, Writer, echo, respond
+from tests.support.wire import connect, raw_exchange
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -69,7 +61,7 @@ async def proxied(transport: str) -> AsyncIterator[tuple[RunningRelay, ScriptedU
 async def test_every_method(proxied: tuple[RunningRelay, ScriptedUpstream], method: str) -> None:
     running, upstream = proxied
     body = b"payload" if method in ("POST", "PUT", "PATCH", "DELETE") else None
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         response = await client.request(method, f"{running.url}/m?q=1", content=body)
     assert response.status_code == 200
     seen = upstream.seen[-1]
@@ -126,7 +118,7 @@ async def test_host_is_rewritten_unless_preserved(
     proxied: tuple[RunningRelay, ScriptedUpstream],
 ) -> None:
     running, upstream = proxied
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         await client.get(f"{running.url}/m", headers={"host": "edge.example"})
         assert upstream.seen[-1].headers["host"] == f"127.0.0.1:{upstream.port}"
         assert upstream.seen[-1].headers["x-forwarded-host"] == "edge.example"
@@ -162,7 +154,7 @@ async def test_strip_prefix(
 
 async def test_host_routes(proxied: tuple[RunningRelay, ScriptedUpstream]) -> None:
     running, upstream = proxied
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         for host in ("other.example", "OTHER.example:8080", "a.wild.example"):
             response = await client.get(f"{running.url}/", headers={"host": host})
             assert response.content == b"other", host
@@ -179,7 +171,7 @@ async def test_no_route_is_a_404_with_proxy_status() -> None:
             "upstreams": {"a": {"url": upstream.url}},
             "routes": [{"prefix": "/only", "upstream": "a"}],
         }
-        async with run_relay(config) as running, httpx.AsyncClient() as client:
+        async with run_relay(config) as running, http_client() as client:
             response = await client.get(f"{running.url}/other")
             assert (await client.get(f"{running.url}/only/x")).status_code == 404
             assert (await client.get(f"{running.url}/only")).content == b"ok"
@@ -192,7 +184,7 @@ async def test_admin_paths_on_the_proxy_port_are_proxied(
     proxied: tuple[RunningRelay, ScriptedUpstream],
 ) -> None:
     running, upstream = proxied
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         for path in ("/metrics", "/healthz", "/readyz"):
             response = await client.get(f"{running.url}{path}")
             assert response.content == f"GET {path} ".encode()
@@ -209,8 +201,7 @@ async def test_expect_100_continue_to_an_upstream_that_ignores_it(transport: str
     body anyway instead of the exchange hanging."""
     upstream = ScriptedUpstream({"/echo": echo})
     async with upstream.running(), run_relay(one_upstream(upstream.url, transport)) as relay:
-        host, port = relay.url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await connect(relay.url)
         try:
             writer.write(
                 b"POST /echo HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
@@ -235,7 +226,7 @@ async def test_upstream_connections_are_pooled(transport: str) -> None:
     async with upstream.running(), run_relay(one_upstream(upstream.url, transport)) as relay:
         for index in range(5):
             # A new client connection each time: only the upstream side is kept alive.
-            async with httpx.AsyncClient() as client:
+            async with http_client() as client:
                 response = await client.post(f"{relay.url}/echo", content=b"%d" % index)
                 assert response.content == b"%d" % index
         assert relay.relay.upstreams()["up"].snapshot().idle == 1

@@ -19,18 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import (
-    RelayProcess,
-    ScriptedUpstream,
-    delayed,
-    endless_stream,
-    eventually,
-    hang,
-    one_upstream,
-    respond,
-    run_relay,
-    spawn_relay,
-)
+from tests.support.http import http_client
+from tests.support.net import eventually
+from tests.support.relays import RelayProcess, one_upstream, run_relay, spawn_relay
+from tests.support.scripted import ScriptedUpstream, delayed, endless_stream, hang, respond
 
 IN_FLIGHT = 8
 BODY = b"slow but complete"
@@ -81,7 +73,7 @@ def problems(relay: RelayProcess) -> list[str]:
 
 
 async def send_all(url: str, count: int) -> list[asyncio.Task[httpx.Response]]:
-    client = httpx.AsyncClient(timeout=60)
+    client = http_client(timeout=60)
 
     async def one(index: int) -> httpx.Response:
         return await client.get(f"{url}/slow/{index}")
@@ -97,6 +89,7 @@ async def _close_after(client: httpx.AsyncClient, tasks: list[asyncio.Task[Any]]
     await client.aclose()
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     ("workers", "how"),
     [(2, "group"), (2, "supervisor"), (2, "group-term"), (1, "group"), (1, "supervisor")],
@@ -124,6 +117,7 @@ async def test_one_signal_is_one_graceful_drain(tmp_path: Path, workers: int, ho
     assert [(line["status"], line["outcome"]) for line in access] == [(200, "ok")] * IN_FLIGHT
 
 
+@pytest.mark.live
 @pytest.mark.parametrize(
     ("workers", "how"), [(2, "group"), (2, "supervisor"), (1, "group"), (1, "supervisor")]
 )
@@ -169,7 +163,7 @@ async def test_cut_requests_are_answered_and_counted_as_such(
     config = {**one_upstream(upstream.url), "server": {"grace_period_seconds": 60}}
     async with (
         run_relay(config) as running,
-        httpx.AsyncClient(base_url=running.url, timeout=30) as client,
+        http_client(base_url=running.url, timeout=30) as client,
     ):
         waiting = [asyncio.create_task(client.get("/hang")) for _ in range(3)]
         chunks: list[bytes] = []

@@ -13,10 +13,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+from tests.support.tiers import require_live
+from tests.support.tools import ROOT
+
+pytestmark = pytest.mark.live
 
 
 def test_short_soak_is_flat(tmp_path: Path) -> None:
+    require_live("the soak")
     report = tmp_path / "soak.json"
     soak = ROOT / "bench" / "soak.py"
     done = subprocess.run(

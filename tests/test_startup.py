@@ -24,7 +24,10 @@ import pytest
 import yaml
 
 from service.server.listeners import EXIT_CANNOT_START
-from tests.harness import free_port, spawn_relay, wait_http
+from tests.support.net import free_port, wait_http
+from tests.support.relays import spawn_relay
+
+pytestmark = pytest.mark.live
 
 RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.chaos import ChaosUpstream, payload
-from tests.harness import RunningRelay, eventually, metric, pool_settled, run_relay
+from tests.support.chaos import ChaosUpstream, payload
+from tests.support.metrics import metric
+from tests.support.net import eventually
+from tests.support.relays import RunningRelay, pool_settled, run_relay
+from tests.support.wire import connect
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -38,8 +41,7 @@ class Storm:
     wrong: list[str]
 
     async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        host, port = self.relay.url.removeprefix("http://").split(":")
-        return await asyncio.open_connection(host, int(port))
+        return await connect(self.relay.url)
 
     async def before_headers(self, delay: float) -> None:
         _, writer = await self.open()

@@ -14,29 +14,26 @@ import httpx
 import psutil
 import pytest
 
-from tests.harness import free_port, spawn_relay
+from tests.support.net import free_port, wait_http
+from tests.support.relays import spawn_relay
+from tests.support.tiers import require_live
+from tests.support.tools import ROOT
 
 GIB = 1 << 30
 MAX_GROWTH = 64 << 20  # bytes of RSS the proxy may gain while moving 1 GiB
 MAX_SECONDS = 60  # loopback moves 1 GiB through the proxy in a few seconds
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.live]
 
 
 @contextmanager
 def bulk_upstream() -> Iterator[str]:
+    require_live("the bulk upstream")
     port = free_port()
-    script = Path(__file__).with_name("bulk_upstream.py")
+    script = ROOT / "tests" / "support" / "bulk_upstream.py"
     process = subprocess.Popen([sys.executable, str(script), str(port)])
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/bytes/0", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "bulk upstream did not start"
-                time.sleep(0.05)
+        wait_http(f"http://127.0.0.1:{port}/bytes/0", within=10)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.kill()

@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 
-from tests.harness import (
+from tests.support.http import http_client
+from tests.support.metrics import metric
+from tests.support.net import eventually
+from tests.support.relays import RunningRelay, StartRelay, pool_settled
+from tests.support.scripted import (
     Request,
-    RunningRelay,
     ScriptedUpstream,
-    StartRelay,
     Writer,
     delayed,
-    eventually,
     hang,
-    metric,
-    pool_settled,
-    raw_request,
     respond,
     stale_after_first,
 )
+from tests.support.wire import raw_request
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -51,7 +49,7 @@ async def test_gate_snapshot_counts_holders_and_waiters(
     await asyncio.gather(*clients)
     await eventually(lambda: pool_settled(relay))
     await eventually(lambda: upstream.open_connections == 0)
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with http_client(timeout=5) as client:
         assert (await client.get(f"{relay.url}/ok")).content == b"ok"
     assert upstream.peak_connections == 3
 
@@ -61,7 +59,7 @@ async def test_never_more_upstream_connections_than_the_pool_allows(
 ) -> None:
     upstream.handlers["/slow"] = delayed(0.1, respond(200, b"ok"))
     relay = await relay_to(upstream.url, pool=pool_of(2), timeouts={"pool": 10})
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with http_client(timeout=10) as client:
         # 12 requests at once for 2 connections: queued, not refused, all served.
         responses = await asyncio.gather(*(client.get(f"{relay.url}/slow") for _ in range(12)))
     assert [r.status_code for r in responses] == [200] * 12
@@ -77,7 +75,7 @@ async def test_idle_connections_kept_up_to_max_keepalive(
 ) -> None:
     upstream.handlers["/slow"] = delayed(0.1, respond(200, b"ok"))
     relay = await relay_to(upstream.url, pool=pool_of(4, keepalive))
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with http_client(timeout=10) as client:
         await asyncio.gather(*(client.get(f"{relay.url}/slow") for _ in range(4)))
     assert upstream.peak_connections == 4
     await eventually(lambda: upstream.open_connections == keepalive)
@@ -95,7 +93,7 @@ async def test_idempotent_request_retried_once_on_stale_connection(
 ) -> None:
     upstream.handlers["/s"] = stale_after_first(reset=close == "rst")
     relay = await relay_to(upstream.url)
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         assert (await client.get(f"{relay.url}/s")).status_code == 200
         # The pooled connection is reused, the upstream drops it without answering,
         # and the proxy replays the request once, on a new connection.
@@ -116,7 +114,7 @@ async def test_non_idempotent_request_is_never_retried(
 ) -> None:
     upstream.handlers["/s"] = stale_after_first(reset=close == "rst")
     relay = await relay_to(upstream.url)
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         assert (await client.get(f"{relay.url}/s")).status_code == 200
         response = await client.request(method, f"{relay.url}/s", content=b"once")
     assert response.status_code == 502
@@ -131,7 +129,7 @@ async def test_idempotent_request_with_a_body_is_not_replayed(
     """A streamed body cannot be sent twice: a PUT on a stale connection is not retried."""
     upstream.handlers["/s"] = stale_after_first()
     relay = await relay_to(upstream.url)
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         assert (await client.get(f"{relay.url}/s")).status_code == 200
         response = await client.put(f"{relay.url}/s", content=b"body")
     assert response.status_code == 502
@@ -147,7 +145,7 @@ async def test_fresh_connection_closed_is_not_retried(
 
     upstream.handlers |= {"/s": close, "/ok": respond(200, b"ok")}
     relay = await relay_to(upstream.url)
-    async with httpx.AsyncClient() as client:
+    async with http_client() as client:
         assert (await client.get(f"{relay.url}/s")).status_code == 502
         assert (await client.get(f"{relay.url}/ok")).status_code == 200
     assert await retries(relay) == 0

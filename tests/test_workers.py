@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,10 +24,10 @@ from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from service.server import admin, workers
 from service.telemetry.pod import PodTable, WorkerState
-from tests.harness import RelayProcess, free_port, spawn_relay
-from tests.test_metrics import samples, value
-from tests.test_metrics_live import demo_config, scrape, worker_processes
-from tests.tools import require_tool
+from tests.support.metrics import Samples, exposition, samples, scrape, value
+from tests.support.net import free_port, wait_until
+from tests.support.relays import RelayProcess, demo_config, spawn_relay, worker_processes
+from tests.support.tools import require_tool
 
 PROCESS_METRICS = (
     "process_cpu_seconds_total",
@@ -38,7 +37,6 @@ PROCESS_METRICS = (
     "process_max_fds",
     "process_start_time_seconds",
 )
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def by_worker(m: Samples, name: str) -> dict[str, float]:
@@ -49,13 +47,6 @@ def get_fresh(url: str) -> httpx.Response:
     """GET on a connection of its own, so that any worker may take it."""
     with httpx.Client(timeout=10) as client:
         return client.get(url)
-
-
-def wait_until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def slot_of(relay: RelayProcess, pid: int) -> str:
@@ -73,11 +64,12 @@ def multiproc_env(tmp_path: Path) -> dict[str, str]:
 # -- a worker dies ---------------------------------------------------------------------------
 
 
+@pytest.mark.live
 def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path: Path) -> None:
     # Every worker takes START_DELAY_SECONDS to open its pools: the replacement is visibly
     # "starting" (its admin listener answers, its proxy listener does not accept yet) for
     # that long, next to a ready worker.
-    config = demo_config(workers=2, app_hook="tests.worker_hooks:slow_start")
+    config = demo_config(workers=2, app_hook="tests.support.worker_hooks:slow_start")
     prom = tmp_path / "prom"
     with spawn_relay(config, tmp_path, multiproc_env(tmp_path)) as relay:
         wait_until(lambda: len(relay.messages("ready: ")) == 2, 30, "both workers ready")
@@ -113,7 +105,7 @@ def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path
         assert value(after, "relay_worker_restarts_total") == 1
         lint = subprocess.run(
             [require_tool("promtool"), "check", "metrics"],
-            input=httpx.get(f"{relay.admin_url}/metrics").text,
+            input=exposition(relay.admin_url),
             capture_output=True,
             text=True,
             timeout=30,
@@ -131,6 +123,7 @@ def test_a_killed_worker_is_respawned_counted_and_the_pod_keeps_serving(tmp_path
     assert len(respawned) == 1 and respawned[0].endswith("restarting it in 0.5s"), respawned
 
 
+@pytest.mark.live
 @pytest.mark.parametrize("multiprocess", [False, True])
 def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(
     tmp_path: Path, multiprocess: bool
@@ -146,8 +139,9 @@ def test_one_worker_has_the_process_metrics_of_its_own_and_no_restarts(
 # -- a worker keeps dying ----------------------------------------------------------------------
 
 
+@pytest.mark.live
 def test_a_worker_that_keeps_crashing_at_start_stops_the_pod(tmp_path: Path) -> None:
-    config = demo_config(workers=2, app_hook="tests.worker_hooks:crash")
+    config = demo_config(workers=2, app_hook="tests.support.worker_hooks:crash")
     config["server"].update(
         host="127.0.0.1", port=free_port(), admin_host="127.0.0.1", admin_port=free_port()
     )
@@ -256,6 +250,7 @@ def cpu_of_other_threads(process: psutil.Process) -> float:
     return sum(t.user_time + t.system_time for t in process.threads() if t.id != process.pid)
 
 
+@pytest.mark.live
 def test_metrics_merge_in_a_thread_while_the_loop_serves(tmp_path: Path) -> None:
     # One process in multiprocess mode: the loop that would run a merge on it is the one
     # that serves every proxied request (and the demo upstream behind it).
@@ -278,6 +273,7 @@ def test_metrics_merge_in_a_thread_while_the_loop_serves(tmp_path: Path) -> None
     assert value(samples(response.text), "relay_test_filler_total") == files * FILLER_KEYS
 
 
+@pytest.mark.live
 def test_concurrent_scrapes_are_bounded(tmp_path: Path) -> None:
     with spawn_relay(demo_config(), tmp_path, multiproc_env(tmp_path)) as relay:
         fill(tmp_path / "prom", 600)  # each merge outlasts the arrival of all the scrapes

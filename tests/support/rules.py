@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from tests.k8s_render import one, rendered
+from tests.support.k8s import one, rendered
+from tests.support.tools import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "alerts" / "generate.py"
 # The overlays that install rules, and the namespace each one scopes them to.
 RULE_OVERLAYS = {"production": "relay", "dev": "relay-dev"}

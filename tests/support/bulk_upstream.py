@@ -1,7 +1,7 @@
 """A bulk upstream for streaming tests, run as its own process: it generates and consumes
 bodies without holding them, so memory growth can only come from the proxy.
 
-``python tests/bulk_upstream.py PORT``: ``GET /bytes/N`` sends N bytes (Content-Length);
+``python tests/support/bulk_upstream.py PORT``: ``GET /bytes/N`` sends N bytes (Content-Length);
 ``POST /sink`` reads the whole body and answers with the byte count.
 """
 

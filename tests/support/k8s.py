@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import functools
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.tools import require_tool
+from tests.support.tools import ROOT, require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["base", "overlays/dev", "overlays/production", "overlays/local"]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,13 +15,8 @@ from typing import Any
 
 import yaml
 
-from tests.tools import require_tool
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.net import free_port
+from tests.support.tools import require_tool
 
 
 class Prometheus:

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-DASHBOARDS = sorted((Path(__file__).resolve().parent.parent / "dashboards").glob("*.json"))
+from tests.support.tools import ROOT
+
+DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 MATCH_ALL = {"cluster": ".*", "namespace": ".*", "job": ".*", "instance": ".*", "upstream": ".*"}
 
 

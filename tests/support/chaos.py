@@ -29,12 +29,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 
-from tests.harness import parse_head, read_body
+from tests.support.loopback import LoopbackServer, abort_with_reset, parse_head, read_body
 
 SMUGGLED = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nSMUGGLED"
 GARBAGE = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 this is not HTTP\r\n\r\n"
@@ -48,14 +46,6 @@ def payload(tag: str, size: int) -> bytes:
     return (block * (size // len(block) + 1))[:size]
 
 
-def abort_with_reset(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        # SO_LINGER 0: the close sends RST instead of FIN.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    writer.transport.abort()
-
-
 @dataclass
 class Seen:
     method: str
@@ -65,7 +55,7 @@ class Seen:
 
 
 @dataclass
-class ChaosUpstream:
+class ChaosUpstream(LoopbackServer):
     """The server. ``stale_ratio``: the share of requests arriving on a reused keep-alive
     connection that find it closed by the upstream (FIN or RST, no response byte): the
     stale keep-alive race, as seen from the proxy. ``idle_close_ratio``: the share of
@@ -82,14 +72,11 @@ class ChaosUpstream:
     open_connections: int = 0
     peak_connections: int = 0
     incomplete_requests: int = 0  # connections that ended mid request (head or body)
+    smuggled: int = 0  # ``/long`` excess responses written
     _rng: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def paths(self, prefix: str = "/") -> list[str]:
         return [s.path for s in self.seen if s.path.startswith(prefix)]
@@ -97,18 +84,7 @@ class ChaosUpstream:
     def times_seen(self, path: str) -> int:
         return sum(1 for s in self.seen if s.path == path)
 
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[ChaosUpstream]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)
-        self.port = server.sockets[0].getsockname()[1]
-        try:
-            yield self
-        finally:
-            server.close()
-            with suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 5)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self.open_connections += 1
         self.peak_connections = max(self.peak_connections, self.open_connections)
@@ -215,6 +191,8 @@ class ChaosUpstream:
                 await writer.drain()
                 await asyncio.sleep(delay)
             writer.write(SMUGGLED)
+            await writer.drain()
+            self.smuggled += 1
         elif kind == "stream":
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
             chunk = b"%x\r\n%s\r\n" % (len(STREAM_CHUNK), STREAM_CHUNK)

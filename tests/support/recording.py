@@ -9,12 +9,13 @@ proxy-made one.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import h11
+
+from tests.support.loopback import LoopbackServer, in_a_thread
 
 
 @dataclass
@@ -38,17 +39,13 @@ class ConnectionLog:
 
 
 @dataclass
-class RecordingUpstream:
+class RecordingUpstream(LoopbackServer):
     port: int = 0
     connections: list[ConnectionLog] = field(default_factory=list, repr=False)
     arrivals: list[Seen] = field(default_factory=list, repr=False)  # complete, in order
 
     def received_bytes(self) -> int:
         return sum(len(c.raw) for c in self.connections)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def requests(self) -> list[Seen]:
@@ -62,7 +59,7 @@ class RecordingUpstream:
                 found.append(f"connection {index}: h11 refused: {conn.error}: {bytes(conn.raw)!r}")
         return found
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         log = ConnectionLog()
         self.connections.append(log)
         conn = h11.Connection(h11.SERVER)
@@ -104,39 +101,9 @@ class RecordingUpstream:
             log.closed = True
             writer.close()
 
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[RecordingUpstream]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        try:
-            yield self
-        finally:
-            server.close()
-            await server.wait_closed()
-
 
 @contextmanager
 def recording_upstream_thread() -> Iterator[RecordingUpstream]:
     """The same upstream on an event loop of its own, for tests that block."""
-    upstream = RecordingUpstream()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    stop: asyncio.Future[None] | None = None
-
-    async def main() -> None:
-        nonlocal stop
-        stop = loop.create_future()
-        async with upstream.running():
-            ready.set()
-            await stop
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    assert ready.wait(10), "upstream did not start"
-    try:
+    with in_a_thread(RecordingUpstream()) as upstream:
         yield upstream
-    finally:
-        assert stop is not None
-        loop.call_soon_threadsafe(stop.set_result, None)
-        thread.join(10)
-        loop.close()

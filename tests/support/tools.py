@@ -8,9 +8,12 @@ naming the package.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.tiers import require_live
+
+ROOT = Path(__file__).resolve().parents[2]
 TOOLS_FILE = ROOT / ".ci" / "tools"
 
 
@@ -27,6 +30,7 @@ def apt_packages() -> dict[str, str]:
 
 def require_tool(command: str) -> str:
     """The path of ``command``; fails the test naming what provides it."""
+    require_live(command)
     path = shutil.which(command)
     if path is None:
         package = apt_packages().get(command)
@@ -35,4 +39,12 @@ def require_tool(command: str) -> str:
             f"{command} not found on PATH: it comes with the Debian package {package}, "
             "which .ci/test (the README's test command) installs"
         )
+    return path
+
+
+def python_tool(command: str) -> str:
+    """The path of a command the test extra installs (checkov, kubernetes-validate)."""
+    require_live(command)
+    path = shutil.which(command) or str(Path(sys.executable).with_name(command))
+    assert Path(path).exists(), f"{command} not found: pip install -e '.[test]' installs it"
     return path
