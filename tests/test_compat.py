@@ -59,7 +59,7 @@ async def test_aiohttp_instance_names_on_a_pool_that_made_a_request() -> None:
     assert all(hasattr(handler, n) for n in aiohttp_compat.INSTANCE_NAMES[ResponseHandler])
     upstream = ScriptedUpstream({"/": respond(200, b"ok")})
     async with upstream.running():
-        transport = AiohttpTransport(limits=httpx.Limits(max_connections=2))
+        transport = AiohttpTransport(limits=httpx.Limits(max_connections=2), tls=None)
         async with transport:
             session = transport._session
             assert session is not None and session._retry_connection is False
@@ -77,7 +77,7 @@ async def test_aiohttp_instance_names_on_a_pool_that_made_a_request() -> None:
 
 async def test_httpcore_chain_on_a_real_response() -> None:
     upstream = ScriptedUpstream({"/": respond(200, b"ok")})
-    transport = HttpcoreTransport(verify=False, trust_env=False)
+    transport = HttpcoreTransport(tls=None, trust_env=False)
     async with upstream.running(), transport:
         response = await transport.handle_async_request(httpx.Request("GET", f"{upstream.url}/"))
         assert isinstance(response.stream, httpx.AsyncByteStream)

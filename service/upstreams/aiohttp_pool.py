@@ -237,11 +237,10 @@ class _ResponseStream(httpx.AsyncByteStream):
 class AiohttpTransport(PoolTransport):
     cancel_safe = True  # aiohttp closes a connection cancelled mid-request, synchronously
 
-    def __init__(self, *, limits: httpx.Limits, verify: bool = True) -> None:
+    def __init__(self, *, limits: httpx.Limits, tls: ssl.SSLContext | None) -> None:
+        """``tls``: the context that verifies upstream certificates, or None not to verify."""
         self._limits = limits
-        self._ssl: ssl.SSLContext | bool = (
-            httpx.create_ssl_context(verify=True) if verify else False
-        )
+        self._ssl: ssl.SSLContext | bool = tls if tls is not None else False
         self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:

@@ -5,6 +5,7 @@ the stale keep-alive retry, and connections holding bytes past a response never 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,9 +21,10 @@ class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
 
     cancel_safe = False  # encode/httpcore#1093: see pools.py
 
-    def __init__(self, *, verify: bool, **kwargs: Any) -> None:
-        super().__init__(verify=verify, **kwargs)
-        self._verify = verify
+    def __init__(self, *, tls: ssl.SSLContext | None, **kwargs: Any) -> None:
+        """``tls``: the context that verifies upstream certificates, or None not to verify."""
+        self._verify: ssl.SSLContext | bool = tls if tls is not None else False
+        super().__init__(verify=self._verify, **kwargs)
 
     def idle_connections(self) -> int:
         return sum(1 for c in pool_connections(self) if c.is_idle())
