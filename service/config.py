@@ -263,7 +263,13 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     data = read_yaml(file) if file is not None else dict(DEFAULT_CONFIG)
     data.update(overrides)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
+        if file is None and "upstreams" not in overrides:
+            # The built-in upstream is the demo listener, wherever RELAY_DEMO__* moved it.
+            demo = settings.demo
+            data["upstreams"] = {"demo": {"url": f"http://{demo.host}:{demo.port}"}}
+            settings = Settings(**data)
+        return settings
     except ValidationError as exc:
         message = format_validation_error(exc, Settings, os.environ)
         raise ConfigError(f"invalid config: {message}") from exc

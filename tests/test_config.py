@@ -44,6 +44,15 @@ def test_env_overrides_merge_into_the_builtin_default(monkeypatch: pytest.Monkey
     assert load_settings().server.drain_delay_seconds == 3
 
 
+def test_builtin_upstream_follows_the_demo_listener(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving the demo listener (say, 8081 is taken) moves the route's upstream with it."""
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    monkeypatch.setenv("RELAY_DEMO__PORT", "28081")
+    settings = load_settings()
+    assert settings.demo.port == 28081
+    assert str(settings.upstreams["demo"].url).startswith("http://127.0.0.1:28081")
+
+
 def test_valid_file_and_defaults(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, VALID))
     api = settings.upstreams["api"]
