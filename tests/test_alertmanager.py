@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_started
 from tests.support.rules import overlay_groups, rules_of
 from tests.support.tools import ROOT, require_tool
 
@@ -82,17 +82,7 @@ def alertmanager() -> Iterator[str]:
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(Path(tmp, "alertmanager.log").read_text()[-2000:])
-                time.sleep(0.1)
+            wait_started(process, f"{url}/-/ready", Path(tmp, "alertmanager.log"))
             yield url
         finally:
             process.terminate()

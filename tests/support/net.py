@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -85,3 +87,19 @@ def wait_http(url: str, within: float = 20.0, status: int = 200) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError(f"{url} did not answer {status} within {within}s")
+
+
+def wait_started(process: subprocess.Popen[bytes], url: str, log: Path, within: float = 30) -> None:
+    """Wait until a server process answers ``url`` with 200; fail with the end of its log if
+    it exits or does not answer within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise AssertionError(f"{url} did not answer:\n{tail}")
+        time.sleep(0.1)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_started
 from tests.support.tools import require_tool
 
 
@@ -78,18 +78,7 @@ def prometheus(
         )
         server = Prometheus(f"http://127.0.0.1:{port}")
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{server.url}/-/ready", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log = Path(tmp, "prometheus.log").read_text(errors="replace")
-                    raise AssertionError(f"prometheus did not start:\n{log[-2000:]}")
-                time.sleep(0.1)
+            wait_started(process, f"{server.url}/-/ready", Path(tmp, "prometheus.log"))
             yield server
         finally:
             process.terminate()
