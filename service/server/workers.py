@@ -124,10 +124,8 @@ class Supervisor:
     def __init__(self, settings: Settings, listeners: Listeners) -> None:
         self.settings = settings
         self.listeners = listeners
-        self._stopping = False
-        self._cut = False
-        self._failed = False
-        self._crashed = False
+        # What the signals and the workers' exits have told it so far.
+        self._stopping = self._cut = self._failed = self._crashed = False
         self._slots = [_Slot(index) for index in range(settings.server.workers)]
         self._table: PodTable | None = None
         # Lines from the signal handler, logged by the main loop: logging is not reentrant.
