@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.net import free_port, wait_started
+from tests.support.net import free_port, stop, wait_started
 from tests.support.rules import overlay_groups, rules_of
 from tests.support.tools import ROOT, require_tool
 
@@ -85,12 +85,7 @@ def alertmanager() -> Iterator[str]:
             wait_started(process, f"{url}/-/ready", Path(tmp, "alertmanager.log"))
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
             log.close()
 
 

@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 from service.errors import Reason
 from service.exchange import Phase, Side
 from service.telemetry.metrics import LATENCY_BUCKETS, Metrics
+from tests.support.net import kill
 from tests.support.rules import (
     KUBE_STATE_METRICS,
     RULE_OVERLAYS,
@@ -100,9 +101,7 @@ def unit_test_results(rules_dir: Path) -> Iterator[dict[str, tuple[int, str]]]:
         yield results
     finally:
         for process in running.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            kill(process)
 
 
 @pytest.mark.live

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.net import free_port, wait_http, wait_until
+from tests.support.net import free_port, kill, wait_http, wait_until
 from tests.support.relays import demo_config, spawn_relay
 from tests.support.wire import refused
 
@@ -58,9 +58,7 @@ def test_builtin_default_serves_the_demo_upstream(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill(process)
     assert "Traceback" not in (tmp_path / "relay.log").read_text()
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from service.server.listeners import EXIT_CANNOT_START
-from tests.support.net import free_port, wait_http
+from tests.support.net import free_port, kill, wait_http
 from tests.support.relays import spawn_relay
 
 pytestmark = pytest.mark.live
@@ -62,9 +62,7 @@ def test_a_clean_run_says_what_runs_where(tmp_path: Path, workers: int) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill(process)
     text = log_path.read_text()
     lines = [json.loads(line) for line in text.splitlines()]
     messages = [line["message"] for line in lines]

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support.net import free_port, wait_http
+from tests.support.net import free_port, kill, wait_http
 from tests.support.relays import spawn_relay
 from tests.support.tiers import require_live
 from tests.support.tools import ROOT
@@ -36,8 +36,7 @@ def bulk_upstream() -> Iterator[str]:
         wait_http(f"http://127.0.0.1:{port}/bytes/0", within=10)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.kill()
-        process.wait()
+        kill(process)
 
 
 class PeakRss:

@@ -103,3 +103,19 @@ def wait_started(process: subprocess.Popen[bytes], url: str, log: Path, within: 
             tail = log.read_text(errors="replace")[-2000:]
             raise AssertionError(f"{url} did not answer:\n{tail}")
         time.sleep(0.1)
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``grace`` seconds; reaped."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        kill(process)
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a process that is still running, and reap it."""
+    if process.poll() is None:
+        process.kill()
+    process.wait()

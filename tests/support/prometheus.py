@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.net import free_port, wait_started
+from tests.support.net import free_port, stop, wait_started
 from tests.support.tools import require_tool
 
 
@@ -81,9 +81,4 @@ def prometheus(
             wait_started(process, f"{server.url}/-/ready", Path(tmp, "prometheus.log"))
             yield server
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
