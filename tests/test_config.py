@@ -329,3 +329,19 @@ def test_pool_below_the_default_keepalive_starts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     pool = json.loads(result.stdout)["upstreams"]["api"]["pool"]
     assert (pool["max_connections"], pool["max_keepalive_connections"]) == (10, 10)
+
+
+def test_start_up_summary_of_a_large_config_stays_one_short_line() -> None:
+    from service.config import SUMMARY_ITEMS, Settings, summary
+
+    count = 1000
+    settings = Settings(
+        upstreams={f"u{n}": {"url": f"http://127.0.0.1:{20000 + n}"} for n in range(count)},
+        routes=[{"prefix": f"/svc{n}", "upstream": f"u{n}"} for n in range(count)],
+    )
+    line = summary(settings, Path("relay.yaml"))
+    last = SUMMARY_ITEMS - 1
+    more = f" and {count - SUMMARY_ITEMS} more ({count} in all)"
+    assert f"/svc{last} -> u{last}{more}; upstreams: " in line
+    assert line.endswith(f"u{last} http://127.0.0.1:{20000 + last}/{more}")
+    assert len(line) < 2000
