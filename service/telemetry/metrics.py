@@ -36,11 +36,14 @@ from ..exchange import Exchange, ExchangeObserver, Phase, Side
 from ..upstreams.pools import PoolSnapshot
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
+from .zeros import Exposition, ZeroSeries
 
 PREFIX = "relay"
 NO_UPSTREAM = "-"  # label value for requests that matched no route
 UPSTREAM = ["upstream"]
 UPSTREAM_ROUTE = ["upstream", "route"]
+ERROR_LABELS = ["upstream", "reason"]
+DISCONNECT_LABELS = ["upstream", "side", "phase"]
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -149,6 +152,7 @@ class Metrics(ExchangeObserver):
         self.registry = CollectorRegistry(auto_describe=True)
         self._exemplar = exemplar
         self._snapshots = snapshots
+        self._zeros = ZeroSeries()
         # Defined in the order of the exposition.
         self._define_traffic()
         self._define_upstream_failures()
@@ -211,10 +215,10 @@ class Metrics(ExchangeObserver):
             "disconnects",
             "Connections lost mid-exchange, by side (client|upstream) and phase "
             "(before_headers|body).",
-            ["upstream", "side", "phase"],
+            DISCONNECT_LABELS,
         )
         self.errors = self._counter(
-            "upstream_errors", "Upstream failures, by bounded reason.", ["upstream", "reason"]
+            "upstream_errors", "Upstream failures, by bounded reason.", ERROR_LABELS
         )
         self.retries = self._counter(
             "upstream_retries",
@@ -292,31 +296,26 @@ class Metrics(ExchangeObserver):
             self.registry.register(collector)
 
     def start_at_zero(self, upstreams: Iterable[str], routes: Iterable[tuple[str, str]]) -> None:
-        """Create the counter series of every configured upstream and route at 0.
-
-        ``rate()`` sees an increase only between two samples, so the first increment of a
-        series that appears with it is lost: the first failure of each kind on each pod
-        would not count. Series of closed label sets are therefore created up front: per
-        upstream, every failure reason, disconnect side and phase, retries, pool timeouts,
-        body bytes; per route, failed and truncated requests. ``relay_requests_total``
-        (method and status code) and the histograms appear on first use: creating them
-        for every method and code would multiply the series of each route by about 50.
+        """Expose the counter series of every configured upstream and route at 0 from the
+        first scrape (zeros.py says why, and why at scrape time): per upstream, every failure
+        reason, disconnect side and phase, retries, pool timeouts, body bytes and requests in
+        flight; per route, failed and truncated requests. ``relay_requests_total`` (method
+        and status code) and the histograms appear on first use: creating them for every
+        method and code would multiply the series of each route by about 50.
         """
-        for upstream in upstreams:
-            self._in_flight(upstream)
-            for reason in Reason:
-                if reason not in CLIENT_REASONS:
-                    self.errors.labels(upstream, reason.value)
-            for side in Side:
-                for phase in Phase:
-                    self.disconnects.labels(upstream, side.value, phase.value)
-            for family in (self.retries, self.pool_timeouts):
-                family.labels(upstream)
-            self._request_bytes(upstream)
-            self._response_bytes(upstream)
-        for upstream, route in routes:
-            self.failed.labels(upstream, route)
-            self.truncated.labels(upstream, route)
+        names = list(upstreams)
+        per_upstream = [(name,) for name in names]
+        reasons = [reason.value for reason in Reason if reason not in CLIENT_REASONS]
+        zero = self._zeros.add
+        zero(self.errors, ERROR_LABELS, [(u, r) for u in names for r in reasons])
+        disconnects = [(u, s.value, p.value) for u in names for s in Side for p in Phase]
+        zero(self.disconnects, DISCONNECT_LABELS, disconnects)
+        for family in (self.retries, self.pool_timeouts, self.request_bytes, self.response_bytes):
+            zero(family, UPSTREAM, per_upstream)
+        zero(self.in_flight, UPSTREAM, per_upstream)
+        pairs = list(routes)
+        zero(self.failed, UPSTREAM_ROUTE, pairs)
+        zero(self.truncated, UPSTREAM_ROUTE, pairs)
 
     # -- pool observer (called from the pool gate) --------------------------------------
     def pool_wait(self, upstream: str, seconds: float) -> None:
@@ -381,6 +380,5 @@ class Metrics(ExchangeObserver):
         """Encode for the scraper: OpenMetrics (with exemplars) when it asks for it. In
         multiprocess mode this reads every worker's files: the admin app calls it in a thread."""
         encoder, content_type = choose_encoder(accept or "")
-        if self._pod_scrape is not None:
-            return encoder(self._pod_scrape), content_type
-        return encoder(self.registry), content_type
+        source: Collector = self._pod_scrape if self._pod_scrape is not None else self.registry
+        return encoder(Exposition(source, self._zeros)), content_type
