@@ -29,8 +29,11 @@ from service.upstreams import aiohttp_compat, httpcore_compat
 from service.upstreams.aiohttp_pool import AiohttpTransport
 from service.upstreams.httpcore_compat import h11_state_of, pool_connections
 from service.upstreams.httpcore_pool import HttpcoreTransport
+from service.upstreams.tls import TlsSettings, tls_context
 from tests.support.net import eventually
 from tests.support.scripted import ScriptedUpstream, respond
+
+PLAIN = tls_context(TlsSettings(verify=False))
 
 ROOT = Path(__file__).resolve().parent.parent
 PINNED = ("aiohttp", "httpx", "httpcore", "uvicorn")
@@ -59,7 +62,7 @@ async def test_aiohttp_instance_names_on_a_pool_that_made_a_request() -> None:
     assert all(hasattr(handler, n) for n in aiohttp_compat.INSTANCE_NAMES[ResponseHandler])
     upstream = ScriptedUpstream({"/": respond(200, b"ok")})
     async with upstream.running():
-        transport = AiohttpTransport(limits=httpx.Limits(max_connections=2), tls=None)
+        transport = AiohttpTransport(limits=httpx.Limits(max_connections=2), tls=PLAIN)
         async with transport:
             session = transport._session
             assert session is not None and session._retry_connection is False
@@ -77,7 +80,7 @@ async def test_aiohttp_instance_names_on_a_pool_that_made_a_request() -> None:
 
 async def test_httpcore_chain_on_a_real_response() -> None:
     upstream = ScriptedUpstream({"/": respond(200, b"ok")})
-    transport = HttpcoreTransport(tls=None, trust_env=False)
+    transport = HttpcoreTransport(tls=PLAIN, trust_env=False)
     async with upstream.running(), transport:
         response = await transport.handle_async_request(httpx.Request("GET", f"{upstream.url}/"))
         assert isinstance(response.stream, httpx.AsyncByteStream)

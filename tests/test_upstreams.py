@@ -152,29 +152,63 @@ async def test_fresh_connection_closed_is_not_retried(
     assert [r.path for r in upstream.seen] == ["/s", "/ok"]
 
 
-def test_every_upstream_and_retry_shares_one_verifying_tls_context() -> None:
-    """Loading the CA bundle costs about 40 ms of CPU: once per process, not once per
-    upstream, nor per fresh-connection retry of the httpcore pool."""
+def test_upstreams_share_one_tls_context_per_distinct_setting() -> None:
+    """Loading the CA bundle costs about 20 ms of CPU and 0.8 MB: once per process and
+    setting, not once per upstream, nor per fresh-connection retry of the httpcore pool; and
+    none at all for plain-HTTP upstreams."""
     import ssl
 
     from service.config import UpstreamConfig
     from service.upstreams.aiohttp_pool import AiohttpTransport
     from service.upstreams.httpcore_pool import HttpcoreTransport
-    from service.upstreams.pools import Upstream, _NullObserver, verifying_tls_context
+    from service.upstreams.pools import Upstream, _NullObserver
+    from service.upstreams.tls import TlsSettings, tls_context
 
-    def context_of(name: str, transport: str, verify: bool) -> object:
-        config = UpstreamConfig(
-            url=f"https://{name}.test:8443", transport=transport, verify_tls=verify
-        )
-        inner = Upstream(name, config, _NullObserver()).transport.inner
+    tls_context.cache_clear()
+
+    def context_of(url: str, transport: str, verify: bool = True) -> ssl.SSLContext:
+        config = UpstreamConfig(url=url, transport=transport, verify_tls=verify)
+        inner = Upstream("u", config, _NullObserver()).transport.inner
         if isinstance(inner, AiohttpTransport):
             return inner._ssl
         assert isinstance(inner, HttpcoreTransport)
         return inner._verify
 
-    shared = verifying_tls_context()
-    assert shared.verify_mode == ssl.CERT_REQUIRED
     for transport in ("aiohttp", "httpcore"):
-        assert context_of("a", transport, True) is shared
-        assert context_of("b", transport, True) is shared
-        assert context_of("c", transport, False) is False
+        for n in range(3):
+            plain = context_of(f"http://plain{n}.test:8080", transport)
+            assert plain is tls_context(TlsSettings(verify=False))
+    assert tls_context.cache_info().currsize == 1  # no CA bundle loaded for plain HTTP
+    verifying = {
+        id(context_of(f"https://{n}.test", t)) for n in "abc" for t in ("aiohttp", "httpcore")
+    }
+    unverified = {
+        id(context_of(f"https://{n}.test", t, verify=False))
+        for n in "abc"
+        for t in ("aiohttp", "httpcore")
+    }
+    assert len(verifying) == len(unverified) == 1
+    assert verifying != unverified
+    assert tls_context(TlsSettings(verify=True)).verify_mode == ssl.CERT_REQUIRED
+    assert tls_context(TlsSettings(verify=False)).verify_mode == ssl.CERT_NONE
+    assert tls_context.cache_info().currsize == 2
+
+
+async def test_aiohttp_pools_share_one_resolver() -> None:
+    """aiohttp would give each upstream's pool a resolver of its own."""
+    from service.config import UpstreamConfig
+    from service.upstreams.aiohttp_pool import AiohttpTransport
+    from service.upstreams.pools import UpstreamSet
+
+    configs = {f"u{n}": UpstreamConfig(url=f"http://127.0.0.1:{9000 + n}") for n in range(3)}
+    upstreams = UpstreamSet(configs)
+    await upstreams.open()
+    try:
+        resolvers = set()
+        for upstream in upstreams.values():
+            inner = upstream.transport.inner
+            assert isinstance(inner, AiohttpTransport) and inner._session is not None
+            resolvers.add(id(inner._session.connector._resolver))  # type: ignore[union-attr]
+        assert resolvers == {id(upstreams.resolver.get())}
+    finally:
+        await upstreams.close()

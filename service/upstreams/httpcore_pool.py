@@ -21,10 +21,10 @@ class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
 
     cancel_safe = False  # encode/httpcore#1093: see pools.py
 
-    def __init__(self, *, tls: ssl.SSLContext | None, **kwargs: Any) -> None:
-        """``tls``: the context that verifies upstream certificates, or None not to verify."""
-        self._verify: ssl.SSLContext | bool = tls if tls is not None else False
-        super().__init__(verify=self._verify, **kwargs)
+    def __init__(self, *, tls: ssl.SSLContext, **kwargs: Any) -> None:
+        """``tls``: the context of upstream connections (upstreams/tls.py)."""
+        self._verify = tls
+        super().__init__(verify=tls, **kwargs)
 
     def idle_connections(self) -> int:
         return sum(1 for c in pool_connections(self) if c.is_idle())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -32,11 +31,12 @@ import httpx
 
 from ..config import UpstreamConfig
 from ..errors import StaleConnectionError
-from .aiohttp_pool import AiohttpTransport
+from .aiohttp_pool import AiohttpTransport, SharedResolver
 from .attempt import PoolTransport, WrappedStream, attempt_of
 from .client import UpstreamClient
 from .gate import Gate, GateTimeout
 from .httpcore_pool import HttpcoreTransport
+from .tls import upstream_tls
 
 TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -256,14 +256,6 @@ class GatedTransport(httpx.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-@functools.cache
-def verifying_tls_context() -> ssl.SSLContext:
-    """One certificate-verifying context for every upstream and every fresh-connection
-    retry: loading the CA bundle takes about 40 ms of CPU, too much to pay per upstream at
-    start, let alone per retry on the request path."""
-    return httpx.create_ssl_context(verify=True)
-
-
 class Upstream:
     """A named upstream: its config, its one client and its pool gate."""
 
@@ -273,7 +265,9 @@ class Upstream:
         config: UpstreamConfig,
         observer: PoolObserver,
         wrap: TransportWrapper | None = None,
+        resolver: SharedResolver | None = None,
     ) -> None:
+        """``resolver``: the DNS resolver its pool shares with other upstreams' (aiohttp)."""
         self.name = name
         self.config = config
         url = httpx.URL(str(config.url))
@@ -289,10 +283,10 @@ class Upstream:
             max_keepalive_connections=config.pool.max_keepalive_connections,
             keepalive_expiry=config.pool.keepalive_expiry_seconds,
         )
-        tls = verifying_tls_context() if config.verify_tls else None
+        tls = upstream_tls(config)
         inner: PoolTransport
         if config.transport == "aiohttp":
-            inner = AiohttpTransport(limits=limits, tls=tls)
+            inner = AiohttpTransport(limits=limits, tls=tls, resolver=resolver)
         else:
             inner = HttpcoreTransport(limits=limits, tls=tls, trust_env=False)
         self.transport = GatedTransport(
@@ -352,7 +346,10 @@ class UpstreamSet:
         wrap: TransportWrapper | None = None,
     ) -> None:
         obs = observer or _NullObserver()
-        self._upstreams = {name: Upstream(name, cfg, obs, wrap) for name, cfg in configs.items()}
+        self.resolver = SharedResolver()
+        self._upstreams = {
+            name: Upstream(name, cfg, obs, wrap, self.resolver) for name, cfg in configs.items()
+        }
 
     def __getitem__(self, name: str) -> Upstream:
         return self._upstreams[name]
@@ -370,3 +367,4 @@ class UpstreamSet:
     async def close(self) -> None:
         for upstream in self._upstreams.values():
             await upstream.client.aclose()
+        await self.resolver.close()
