@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from . import __version__
@@ -24,12 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     from .app import load_app_hook  # the whole app: not needed for --help or --version
 
     config_file = config_path(args.config)
+    gc.disable()  # what the config is read into lives for good (server/serve.py, tune_gc)
     try:
         settings = load_settings(config_file)
         load_app_hook(settings.server.app_hook)  # a broken hook stops the start, named
     except ConfigError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        gc.enable()
     if args.check_config:
         print(settings.model_dump_json(indent=2))
         return

@@ -158,17 +158,20 @@ def tune_gc() -> None:
     """Process-wide, so run once by the process that serves (``serve_forever``), never by
     one that only embeds a ``Service``.
 
-    Everything alive once the proxy serves lives as long as the process: keeping it out of
-    the cyclic collector's generations makes full collections (latency spikes under load)
-    cost what a request allocates, not what the whole program holds. The default thresholds
-    (700, 10, 10) collect the youngest generation every few requests, each time walking and
-    promoting the objects of every request in flight; with 1,000 requests in flight these
-    thresholds gave 25-40% more requests per second (bench/compare.py, slow-upstream load)
-    for a few MiB of young objects.
+    Everything alive once the proxy serves lives as long as the process. The collector is
+    off while it is built (``serve_forever``): collections then only walk the same objects
+    again and again, which took 2 of the 4.5 s a start with 10,000 upstreams needed.
+    Keeping it all out of the collector's generations makes full collections (latency
+    spikes under load) cost what a request allocates, not what the whole program holds.
+    The default thresholds (700, 10, 10) collect the youngest generation every few
+    requests, each time walking and promoting the objects of every request in flight; with
+    1,000 requests in flight these thresholds gave 25-40% more requests per second
+    (bench/compare.py, slow-upstream load) for a few MiB of young objects.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    gc.enable()
     log.debug("gc: %d objects frozen, thresholds %s", gc.get_freeze_count(), GC_THRESHOLDS)
 
 
@@ -346,10 +349,12 @@ def serve_forever(
     """Run one process's event loop until it has drained; ``slot``: as a worker of a pod."""
     import uvloop
 
+    gc.disable()  # until the proxy is ready: see tune_gc
     try:
         service = Service(settings, worker=slot is not None, slot=slot, on_ready=tune_gc)
         uvloop.run(service.serve(sockets))
     finally:
+        gc.enable()
         # Worker processes end without interpreter shutdown hooks: write buffered lines.
         for handler in logging.getLogger().handlers:
             handler.flush()
