@@ -296,3 +296,57 @@ def test_pool_gauges_are_the_same_with_one_process_and_with_several(tmp_path: An
     assert 'relay_pool_waiting_requests{upstream="a"} 1.0' in single
     assert len(single) == 6 + 8  # HELP and TYPE of three families, eight samples
     assert sorted(several) == sorted(single)
+
+
+ZERO_EXPOSITION = """
+import sys
+if sys.argv[1] == "multi":
+    from service.telemetry.multiproc import use_files_of
+    use_files_of("w0")
+from service.errors import Reason
+from service.exchange import Exchange
+from service.telemetry.metrics import Metrics
+metrics = Metrics()
+metrics.start_at_zero(["api", "web"], [("api", "api-v1"), ("web", "web")])
+if sys.argv[2] == "touched":
+    exchange = Exchange("GET", "api-v1", "api")
+    exchange.fail(Reason.CONNECT)
+    metrics.started(exchange)
+    metrics.finished(exchange)
+body, _ = metrics.render(None)
+sys.stdout.write(body.decode())
+"""
+
+
+@pytest.mark.live
+@pytest.mark.parametrize("traffic", ["untouched", "touched"])
+def test_zero_series_are_the_same_with_one_process_and_with_several(
+    tmp_path: Any, traffic: str
+) -> None:
+    """The preset series are filled in at scrape time: the multiprocess merge yields only
+    families a worker wrote to, so a family nobody touched yet must still be exposed, and a
+    touched one must keep its other series at 0."""
+
+    def series(mode: str, env: dict[str, str]) -> dict[str, str]:
+        result = subprocess.run(
+            [sys.executable, "-c", ZERO_EXPOSITION, mode, traffic],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        lines = [line for line in result.stdout.splitlines() if line.startswith("relay_")]
+        keep = ("_total{", "relay_requests_in_flight{")
+        return dict(line.rsplit(" ", 1) for line in lines if any(k in line for k in keep))
+
+    one = series("one", {"PROMETHEUS_MULTIPROC_DIR": ""})
+    several = series("multi", {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert one == several
+    errors = 'relay_upstream_errors_total{reason="connect",upstream="api"}'
+    assert one[errors] == ("1.0" if traffic == "touched" else "0.0")
+    assert one['relay_upstream_errors_total{reason="connect",upstream="web"}'] == "0.0"
+    for name in ("relay_requests_failed_total", "relay_responses_truncated_total"):
+        assert one[f'{name}{{route="web",upstream="web"}}'] == "0.0"
+    assert one['relay_disconnects_total{phase="body",side="client",upstream="web"}'] == "0.0"
+    assert one['relay_requests_in_flight{upstream="web"}'] == "0.0"

@@ -27,8 +27,8 @@ class ZeroSeries:
     """The label sets each family shows at 0 until first used."""
 
     def __init__(self) -> None:
-        # family name -> (sample name, label names, label value sets)
-        self._families: dict[str, tuple[str, Sequence[str], list[LabelValues]]] = {}
+        # family name -> (the family, its sample name, label names, label value sets)
+        self._families: dict[str, tuple[Metric, str, Sequence[str], list[LabelValues]]] = {}
 
     def add(
         self, metric: MetricWrapperBase, label_names: Sequence[str], sets: Iterable[LabelValues]
@@ -37,24 +37,35 @@ class ZeroSeries:
         ``sets``."""
         (family,) = metric.describe()
         sample = f"{family.name}_total" if family.type == "counter" else family.name
-        entry = self._families.setdefault(family.name, (sample, tuple(label_names), []))
-        entry[2].extend(sets)
+        entry = self._families.setdefault(family.name, (family, sample, tuple(label_names), []))
+        entry[3].extend(sets)
 
     def fill(self, families: Iterable[Metric]) -> Iterator[Metric]:
-        """``families`` as collected, each with its missing preset series added at 0."""
+        """``families`` as collected, each with its missing preset series added at 0, and
+        the preset families none of whose series was touched yet (the multiprocess merge
+        yields only families some worker wrote to)."""
+        missing = set(self._families)
         for family in families:
-            preset = self._families.get(family.name)
-            if preset is not None:
-                sample, names, sets = preset
-                seen = {
-                    tuple(s.labels.get(name, "") for name in names)
-                    for s in family.samples
-                    if s.name == sample
-                }
-                for values in sets:
-                    if values not in seen:
-                        family.add_sample(sample, dict(zip(names, values, strict=True)), 0.0)
+            if family.name in missing:
+                missing.discard(family.name)
+                self._fill(family)
             yield family
+        for name in missing:
+            described = self._families[name][0]
+            family = Metric(described.name, described.documentation, described.type)
+            self._fill(family)
+            yield family
+
+    def _fill(self, family: Metric) -> None:
+        _, sample, names, sets = self._families[family.name]
+        seen = {
+            tuple(s.labels.get(name, "") for name in names)
+            for s in family.samples
+            if s.name == sample
+        }
+        for values in sets:
+            if values not in seen:
+                family.add_sample(sample, dict(zip(names, values, strict=True)), 0.0)
 
 
 class Exposition:
