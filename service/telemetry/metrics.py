@@ -290,7 +290,8 @@ class Metrics(ExchangeObserver):
         self._pod_scrape: PodScrape | None = None
         path = multiprocess_dir()
         if path is not None:
-            self._pod_scrape = PodScrape(path, self.registry, pod)
+            with_exemplars = [self.duration, self.headers_latency] if self._exemplar else []
+            self._pod_scrape = PodScrape(path, with_exemplars, pod)
             return
         for collector in process_collectors(None):
             self.registry.register(collector)

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import PlatformCollector, ProcessCollector, values
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
 from .pod import PodTable
@@ -116,10 +116,13 @@ def process_collectors(table: PodTable | None) -> list[Collector]:
     return [processes, PlatformCollector(registry=None), WorkerRestarts(table)]
 
 
-def _exemplars(local: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], Exemplar]:
+def _exemplars(
+    local: Sequence[Collector],
+) -> dict[tuple[str, frozenset[tuple[str, str]]], Exemplar]:
     return {
         (sample.name, frozenset(sample.labels.items())): sample.exemplar
-        for metric in local.collect()
+        for collector in local
+        for metric in collector.collect()
         for sample in metric.samples
         if sample.exemplar is not None
     }
@@ -133,9 +136,13 @@ class PodScrape(Collector):
     runs it in a thread (admin.py), off the loop that serves proxy traffic.
     """
 
-    def __init__(self, path: str, local: CollectorRegistry, table: PodTable | None) -> None:
+    def __init__(
+        self, path: str, exemplars_of: Sequence[Collector], table: PodTable | None
+    ) -> None:
+        """``exemplars_of``: this worker's metrics that carry exemplars (read in memory: a
+        whole collection of its registry took a fifth of a large scrape)."""
         self._path = path
-        self._local = local
+        self._local = exemplars_of
         self._others = process_collectors(table)
 
     def collect(self) -> Iterable[Metric]:
