@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +25,13 @@ import pytest
 import yaml
 
 from service.server.listeners import EXIT_CANNOT_START
-from tests.support.net import free_port, kill, wait_http
+from tests.support.net import free_port, kill, stop, wait_http, wait_started
+from tests.support.recording import recording_upstream_thread
 from tests.support.relays import spawn_relay
 
 pytestmark = pytest.mark.live
 
+ROOT = Path(__file__).resolve().parent.parent
 RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -210,3 +213,58 @@ def test_each_serving_process_tunes_its_garbage_collector_once(tmp_path: Path) -
     ready = [line for line in lines if line["message"].startswith("ready: relay ")]
     assert len(tuned) == len(ready) == 2, relay.log()[-3000:]
     assert all(m["message"].endswith("thresholds (20000, 20, 20)") for m in tuned)
+
+
+def startup_probe_budget() -> float:
+    """Seconds the base Deployment's startup probe gives a pod before restarting it."""
+    documents = yaml.safe_load_all((ROOT / "k8s" / "base" / "deployment.yaml").read_text())
+    deployment = next(d for d in documents if d and d.get("kind") == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    probe = container["startupProbe"]
+    return float(probe["periodSeconds"] * probe["failureThreshold"])
+
+
+def test_a_thousand_upstreams_start_well_within_the_startup_probe(tmp_path: Path) -> None:
+    """Platform size: 1,000 upstreams and routes cost what one does at start (no TLS
+    context, DNS resolver or metric children per upstream), so a pod is ready long before
+    its startup probe gives up; and the last route and its upstream work."""
+    budget = startup_probe_budget()
+    count = 1000
+    with recording_upstream_thread() as upstream:
+        port, admin_port = free_port(), free_port()
+        config = {
+            "server": {
+                "host": "127.0.0.1",
+                "port": port,
+                "admin_host": "127.0.0.1",
+                "admin_port": admin_port,
+                "drain_delay_seconds": 0,
+            },
+            "log": {"access_log": False},
+            "upstreams": {f"u{n}": {"url": upstream.url} for n in range(count)},
+            "routes": [{"prefix": f"/svc{n}", "upstream": f"u{n}"} for n in range(count)],
+        }
+        path, log_path = tmp_path / "relay.yaml", tmp_path / "relay.log"
+        path.write_text(yaml.safe_dump(config))
+        started = time.monotonic()
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service", "--config", str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=clean_env(),
+            )
+        try:
+            wait_started(process, f"http://127.0.0.1:{admin_port}/readyz", log_path, budget)
+            took = time.monotonic() - started
+            # A quarter of the budget: today about 1 s on one core; the margin is for a
+            # loaded CI machine, not for per-upstream cost creeping back.
+            assert took < budget / 4, f"ready after {took:.1f}s (probe budget {budget:.0f}s)"
+            last = count - 1
+            answer = httpx.get(f"http://127.0.0.1:{port}/svc{last}/x", timeout=10)
+            assert answer.status_code == 200
+            assert upstream.requests[-1].target == f"/svc{last}/x".encode()
+            metrics = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=30).text
+            assert f'relay_upstream_retries_total{{upstream="u{last}"}} 0.0' in metrics
+        finally:
+            stop(process)
