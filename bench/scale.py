@@ -167,7 +167,7 @@ def routes_table(results: list[dict[str, Any]]) -> str:
                 f"{r['routes']:,}",
                 f"`{r['path']}`",
                 f"{r['rps']:,.0f}",
-                f"{r['p99_ms']:.2f}",
+                f"{r['p99_ms']:,.2f}",
                 f"{r['rps'] / base['rps']:.3f}" if base and base["rps"] else "-",
                 ", ".join(f"{rps:,.0f}" for rps in r["rps_runs"]),
                 r["errors"],
@@ -368,17 +368,19 @@ NOTES = {
         f"Worst case for a linear scan: all prefixes the same length (`/svc00000` ...), so "
         f"they keep config order and the request is for the last route. 1 KiB from nginx, "
         f"wrk -t2 -c64, {args.duration} s per run, {args.rounds} rounds (order alternating), "
-        f"medians; all sizes run side by side in this run."
+        f"medians; all sizes run side by side in this run. Errors: non-2xx responses and "
+        f"socket errors (a response slower than wrk's 2 s timeout is one)."
     ),
     "scrape": lambda args, r: scrape_notes(r),
     "idle": lambda args, r: (
         f"Client connections opened by this process (open files limit raised to "
         f"{r['fd_limit']:,}; Relay's: {r['relay_fd_limit']}), {idle_clients.BATCH} at a "
         f"time; then one `GET /up/1k` on each ({r['statuses']}, {r['requests_seconds']:.1f} s). "
-        f"Open: client connections Relay has not closed (it closes idle keep-alive ones after "
-        f"its keep-alive timeout). KB / connection: (RSS - at rest) / open. Relay fds include "
-        f"its upstream pool's connections. A new request: connect, 1 KiB GET, full response; "
-        f"20 samples."
+        f"Open: client connections Relay has not closed; it closes an idle keep-alive "
+        f"connection after its keep-alive timeout (last row), so those answered longer "
+        f"before are gone by the third row. KB / connection: (RSS - at rest) / open. Relay "
+        f"fds include its upstream pool's connections. A new request: connect, 1 KiB GET, "
+        f"full response; 20 samples."
     ),
 }
 
