@@ -268,3 +268,43 @@ def test_a_thousand_upstreams_start_well_within_the_startup_probe(tmp_path: Path
             assert f'relay_upstream_retries_total{{upstream="u{last}"}} 0.0' in metrics
         finally:
             stop(process)
+
+
+def test_the_open_files_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    """Every connection is a descriptor: a soft limit of 1,024 under a far higher hard one
+    (what many runtimes give) would cap the proxy long before memory does."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-files limit ({hard}) leaves nothing to raise")
+    expected = hard if hard != resource.RLIM_INFINITY else 1 << 20
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    port, admin_port = free_port(), free_port()
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "admin_host": "127.0.0.1",
+                   "admin_port": admin_port, "drain_delay_seconds": 0},
+        "upstreams": {"api": {"url": f"http://127.0.0.1:{free_port()}"}},
+        "routes": [{"prefix": "/", "upstream": "api"}],
+    }  # fmt: skip
+    path, log_path = tmp_path / "relay.yaml", tmp_path / "relay.log"
+    path.write_text(yaml.safe_dump(config))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+            preexec_fn=low_soft_limit,
+        )
+    try:
+        wait_started(process, f"http://127.0.0.1:{admin_port}/readyz", log_path)
+        metrics = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).text
+        assert f"process_max_fds {float(expected)}" in metrics
+    finally:
+        stop(process)
+    messages = [json.loads(line)["message"] for line in log_path.read_text().splitlines()]
+    assert f"open files: soft limit raised from 256 to {expected} (the hard limit)" in messages

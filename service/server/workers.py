@@ -48,6 +48,7 @@ from types import FrameType
 from ..config import Settings, summary
 from ..telemetry.multiproc import use_files_of, worker_file_id
 from ..telemetry.pod import PodTable, WorkerSlot
+from .fds import raise_open_files_limit
 from .listeners import EXIT_CANNOT_START, ListenerError, Listeners, announce, bind_listeners
 from .serve import CUT_SIGNAL, STOP_SIGNALS, serve_forever
 
@@ -274,6 +275,7 @@ def run(settings: Settings, config_file: Path | None = None) -> None:
         raise SystemExit(EXIT_CANNOT_START) from None
     startup_log.info("%s", summary(settings, config_file))
     announce(listeners)
+    raise_open_files_limit()
     if settings.server.workers == 1:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # Multiprocess mode was asked for explicitly: it still needs its directory.
