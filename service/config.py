@@ -139,6 +139,11 @@ class ServerConfig(_Strict):
     # uvicorn answers 503 to a request arriving while this many client connections (idle
     # keep-alive ones and its own included) are open or requests run: null or 0, no limit.
     limit_concurrency: Annotated[int, Field(ge=0)] | None = None
+    # How long an idle keep-alive client connection stays open: longer than the idle timeout
+    # of a load balancer in front (AWS ALB: 60 s), as nginx's 75 s is, so that it is never
+    # Relay that closes a connection the balancer is about to reuse. Each idle connection
+    # holds a descriptor and some 10 KB (README, *At platform size*).
+    keepalive_timeout_seconds: Seconds = 75.0
     # "module:function", called with the proxy's FastAPI app before it starts, in every
     # worker: routes and middleware of your own (README, *Extending the app*).
     app_hook: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None

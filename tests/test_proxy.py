@@ -232,3 +232,29 @@ async def test_upstream_connections_are_pooled(transport: str) -> None:
         assert relay.relay.upstreams()["up"].snapshot().idle == 1
     assert len(upstream.seen) == 5
     assert upstream.closed_connections == 1  # one connection served all five
+
+
+async def test_idle_keepalive_client_connections_close_after_the_configured_timeout() -> None:
+    """``server.keepalive_timeout_seconds``: an idle client connection is closed by Relay
+    once it has been idle that long, not before (uvicorn's own default is 5 s)."""
+    from service.config import ServerConfig
+
+    assert ServerConfig().keepalive_timeout_seconds == 75  # above an ALB's 60 s
+    upstream = ScriptedUpstream({"/": respond(200, b"ok")})
+    async with upstream.running():
+        config = one_upstream(upstream.url)
+        config["server"] = {"keepalive_timeout_seconds": 1.5}
+        async with run_relay(config) as relay:
+            reader, writer = await connect(relay.url)
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200")
+                assert await asyncio.wait_for(reader.readexactly(2), 10) == b"ok"
+                idle_since = asyncio.get_running_loop().time()
+                assert await asyncio.wait_for(reader.read(), 20) == b""  # closed by Relay
+                idle = asyncio.get_running_loop().time() - idle_since
+                assert idle >= 1.4, idle
+            finally:
+                writer.close()

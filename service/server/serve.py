@@ -212,6 +212,7 @@ class Service:
                 timeout_graceful_shutdown=server.grace_period_seconds,
                 http=RelayProtocol.configured(settings, self.relay),
                 limit_concurrency=server.limit_concurrency or None,
+                timeout_keep_alive=server.keepalive_timeout_seconds,
             )
         )
         self.proxy_server.on_started = self._ready
