@@ -270,7 +270,8 @@ async def test_a_body_error_after_forwarding_began_aborts_the_upstream_request(
         assert await reader.read() == b""
     writer.close()
     await eventually(lambda: aborted.closed)
-    responses = await exchange(running.url, head("GET /next HTTP/1.1", HOST), sentinel=False)
+    next_request = head("GET /next HTTP/1.1", HOST, "Connection: close")
+    responses = await exchange(running.url, next_request, sentinel=False)
     assert responses[0][0] == 200
     assert upstream.problems() == []
     assert len(aborted.requests) == completed and aborted.partial is not None
