@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from .config_errors import env_overrides, format_validation_error
+from .route_index import Conflict, find_conflict
 
 CONFIG_ENV_VAR = "RELAY_CONFIG"
 
@@ -215,7 +216,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _routes_reference_upstreams(self) -> Settings:
-        seen: set[tuple[str | None, str]] = set()
         labels: set[str] = set()
         for index, route in enumerate(self.routes):
             if route.upstream not in self.upstreams:
@@ -223,15 +223,28 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"routes.{index}.upstream: unknown upstream {route.upstream!r} (known: {known})"
                 )
-            key = (route.host.lower() if route.host else None, route.prefix)
-            if key in seen:
-                raise ValueError(f"routes.{index}: duplicate route for host/prefix {key}")
-            seen.add(key)
             if route.name is not None:
                 if route.name in labels:
                     raise ValueError(f"routes.{index}.name: duplicate route name {route.name!r}")
                 labels.add(route.name)
+        conflict = find_conflict(self.routes)
+        if conflict is not None:
+            raise ValueError(conflict_message(conflict, self.routes))
         return self
+
+
+def conflict_message(conflict: Conflict, routes: list[RouteConfig]) -> str:
+    """One line: the route that never matches, and the route that takes its requests."""
+    route, other = routes[conflict.route], routes[conflict.other]
+    host = f"host {other.host!r}" if other.host is not None else "no host"
+    if conflict.duplicate:
+        problem = f"duplicate route: routes.{conflict.other} has the same host and prefix"
+    else:
+        problem = f"shadowed route: routes.{conflict.other} takes every request it would match"
+    return (
+        f"routes.{conflict.route}: {problem} ({host}, prefix {other.prefix!r} "
+        f"ranks over {route.prefix!r}), so this one never matches"
+    )
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
