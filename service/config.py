@@ -241,10 +241,11 @@ def conflict_message(conflict: Conflict, routes: list[RouteConfig]) -> str:
         problem = f"duplicate route: routes.{conflict.other} has the same host and prefix"
     else:
         problem = f"shadowed route: routes.{conflict.other} takes every request it would match"
-    return (
-        f"routes.{conflict.route}: {problem} ({host}, prefix {other.prefix!r} "
-        f"ranks over {route.prefix!r}), so this one never matches"
-    )
+    if len(other.prefix) > len(route.prefix):
+        rank = f"prefix {other.prefix!r} is longer than {route.prefix!r}"
+    else:
+        rank = f"prefix {other.prefix!r} is as long as {route.prefix!r} and earlier"
+    return f"routes.{conflict.route}: {problem} ({host}, {rank}), so this one never matches"
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def routes_config(*routes: str) -> str:
         (
             ["{prefix: /api, upstream: api}", "{prefix: /api/, upstream: api}"],
             "routes.0: duplicate route: routes.1 has the same host and prefix "
-            "(no host, prefix '/api/' ranks over '/api'), so this one never matches",
+            "(no host, prefix '/api/' is longer than '/api'), so this one never matches",
         ),
         (
             [
@@ -174,7 +174,7 @@ def routes_config(*routes: str) -> str:
                 "{prefix: /, host: app.EXAMPLE.com, upstream: api}",
             ],
             "routes.1: duplicate route: routes.0 has the same host and prefix "
-            "(host 'App.example.com', prefix '/' ranks over '/')",
+            "(host 'App.example.com', prefix '/' is as long as '/' and earlier)",
         ),
         (["{prefix: /, upstream: api}", "{prefix: //, upstream: api}"], "routes.0: duplicate"),
         # Equal prefixes on every wildcard the Host matches: the earlier route wins.
@@ -184,14 +184,15 @@ def routes_config(*routes: str) -> str:
                 "{prefix: /, host: '*.a.example.com', upstream: api}",
             ],
             "routes.1: shadowed route: routes.0 takes every request it would match "
-            "(host '*.example.com', prefix '/' ranks over '/'), so this one never matches",
+            "(host '*.example.com', prefix '/' is as long as '/' and earlier), "
+            "so this one never matches",
         ),
         # The longer prefix as written wins, trailing slashes and all.
         (
             ["{prefix: /api, upstream: api}", "{prefix: /a///, upstream: api}",
              "{prefix: /a/b, upstream: api}"],
             "routes.2: shadowed route: routes.1 takes every request it would match "
-            "(no host, prefix '/a///' ranks over '/a/b')",
+            "(no host, prefix '/a///' is longer than '/a/b')",
         ),
     ],
 )  # fmt: skip
