@@ -125,7 +125,7 @@ class RouteIndex(Generic[R]):
     def _wildcard_best(self, host: str, parts: Sequence[str], floor: int) -> tuple[int, R | None]:
         """The best (rank, route) among the wildcards whose suffix starts at a dot of ``host`` at
         ``floor`` or later (1 for a request: the host needs a label before the suffix)."""
-        best: tuple[int, R | None] = (NOWHERE, None)
+        rank, route = NOWHERE, None
         # Only suffixes as long as a configured one can match, so a hostile Host of
         # thousands of labels costs no more than a real one.
         floor = max(floor, len(host) - self._longest_suffix)
@@ -133,9 +133,9 @@ class RouteIndex(Generic[R]):
         while dot != -1:
             trie = self._wildcards.get(host[dot:])
             if trie is not None:
-                best = trie.best(parts, *best)
+                rank, route = trie.best(parts, rank, route)
             dot = host.rfind(".", floor, dot)
-        return best
+        return rank, route
 
     def best_rank_covering(self, route: Route) -> int:
         """The best rank among the routes (``route`` included) that match every request
