@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from .config_errors import env_overrides, format_validation_error
+from .route_index import Conflict, find_conflict
 
 CONFIG_ENV_VAR = "RELAY_CONFIG"
 
@@ -221,7 +222,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _routes_reference_upstreams(self) -> Settings:
-        seen: set[tuple[str | None, str]] = set()
         labels: set[str] = set()
         for index, route in enumerate(self.routes):
             if route.upstream not in self.upstreams:
@@ -229,15 +229,29 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"routes.{index}.upstream: unknown upstream {route.upstream!r} (known: {known})"
                 )
-            key = (route.host.lower() if route.host else None, route.prefix)
-            if key in seen:
-                raise ValueError(f"routes.{index}: duplicate route for host/prefix {key}")
-            seen.add(key)
             if route.name is not None:
                 if route.name in labels:
                     raise ValueError(f"routes.{index}.name: duplicate route name {route.name!r}")
                 labels.add(route.name)
+        conflict = find_conflict(self.routes)
+        if conflict is not None:
+            raise ValueError(conflict_message(conflict, self.routes))
         return self
+
+
+def conflict_message(conflict: Conflict, routes: list[RouteConfig]) -> str:
+    """One line: the route that never matches, and the route that takes its requests."""
+    route, other = routes[conflict.route], routes[conflict.other]
+    host = f"host {other.host!r}" if other.host is not None else "no host"
+    if conflict.duplicate:
+        problem = f"duplicate route: routes.{conflict.other} has the same host and prefix"
+    else:
+        problem = f"shadowed route: routes.{conflict.other} takes every request it would match"
+    if len(other.prefix) > len(route.prefix):
+        rank = f"prefix {other.prefix!r} is longer than {route.prefix!r}"
+    else:
+        rank = f"prefix {other.prefix!r} is as long as {route.prefix!r} and earlier"
+    return f"routes.{conflict.route}: {problem} ({host}, {rank}), so this one never matches"
 
 
 # libyaml's loader parses a large config (thousands of upstreams) about ten times as fast as

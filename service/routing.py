@@ -6,41 +6,19 @@ from collections.abc import Sequence
 
 from .config import RouteConfig
 from .exchange import bare_host
-
-
-def _host_matches(pattern: str, host: str) -> bool:
-    if pattern.startswith("*."):
-        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
-    return host == pattern
-
-
-def _prefix_matches(prefix: str, path: str) -> bool:
-    if prefix == "/":
-        return True
-    stem = prefix.rstrip("/")
-    return path == stem or path.startswith(stem + "/")
+from .route_index import RouteIndex
 
 
 class Router:
-    def __init__(self, routes: Sequence[RouteConfig]) -> None:
-        # An exact Host beats a wildcard, which beats no Host; within one, the longest
-        # prefix wins. Ties keep config order (sorted() is stable).
-        def key(route: RouteConfig) -> tuple[int, int]:
-            host_rank = 0 if route.host is None else (1 if route.host.startswith("*.") else 2)
-            return (-host_rank, -len(route.prefix))
+    """The route for each request; see ``route_index`` for the precedence rules."""
 
-        self._routes = sorted(routes, key=key)
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        self._index = RouteIndex(routes)
+        self._by_host = self._index.by_host
 
     def match(self, host: str | None, path: str) -> RouteConfig | None:
-        bare = bare_host(host)
-        for route in self._routes:
-            if route.host is not None and (
-                bare is None or not _host_matches(route.host.lower(), bare)
-            ):
-                continue
-            if _prefix_matches(route.prefix, path):
-                return route
-        return None
+        # Reading the Host costs about as much as the lookup: only when a route needs it.
+        return self._index.match(bare_host(host) if self._by_host else None, path)
 
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")

@@ -155,6 +155,91 @@ def test_invalid_env_value_names_the_field(tmp_path: Path, monkeypatch: pytest.M
         load_settings(write(tmp_path, VALID))
 
 
+def routes_config(*routes: str) -> str:
+    return VALID.split("routes:")[0] + "routes:\n" + "".join(f"  - {r}\n" for r in routes)
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        # /api/ is the longer prefix: /api is the one that never matches.
+        (
+            ["{prefix: /api, upstream: api}", "{prefix: /api/, upstream: api}"],
+            "routes.0: duplicate route: routes.1 has the same host and prefix "
+            "(no host, prefix '/api/' is longer than '/api'), so this one never matches",
+        ),
+        (
+            [
+                "{prefix: /, host: App.example.com, upstream: api}",
+                "{prefix: /, host: app.EXAMPLE.com, upstream: api}",
+            ],
+            "routes.1: duplicate route: routes.0 has the same host and prefix "
+            "(host 'App.example.com', prefix '/' is as long as '/' and earlier)",
+        ),
+        (["{prefix: /, upstream: api}", "{prefix: //, upstream: api}"], "routes.0: duplicate"),
+        # Equal prefixes on every wildcard the Host matches: the earlier route wins.
+        (
+            [
+                "{prefix: /, host: '*.example.com', upstream: api}",
+                "{prefix: /, host: '*.a.example.com', upstream: api}",
+            ],
+            "routes.1: shadowed route: routes.0 takes every request it would match "
+            "(host '*.example.com', prefix '/' is as long as '/' and earlier), "
+            "so this one never matches",
+        ),
+        # The longer prefix as written wins, trailing slashes and all.
+        (
+            ["{prefix: /api, upstream: api}", "{prefix: /a///, upstream: api}",
+             "{prefix: /a/b, upstream: api}"],
+            "routes.2: shadowed route: routes.1 takes every request it would match "
+            "(no host, prefix '/a///' is longer than '/a/b')",
+        ),
+    ],
+)  # fmt: skip
+def test_routes_that_never_match_are_refused(
+    tmp_path: Path, routes: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, routes_config(*routes)))
+    assert str(info.value).startswith(f"invalid config: {message}")
+    assert "\n" not in str(info.value)
+
+
+def test_routes_that_can_match_are_accepted(tmp_path: Path) -> None:
+    routes = [
+        "{prefix: /api, upstream: api}",
+        "{prefix: /api/v1, upstream: api}",
+        "{prefix: /apix, upstream: api}",
+        "{prefix: /, upstream: api}",
+        "{prefix: /api, host: a.example.com, upstream: api}",
+        "{prefix: /api, host: '*.example.com', upstream: api}",
+        # Earlier than the wider wildcard with the same prefix: it wins its own hosts.
+        "{prefix: /, host: '*.b.example.com', upstream: api}",
+        "{prefix: /, host: '*.example.com', upstream: api}",
+    ]
+    assert len(load_settings(write(tmp_path, routes_config(*routes))).routes) == 8
+
+
+def ten_thousand_routes() -> list[dict[str, str]]:
+    """Distinct routes on shared prefixes and hosts, a third each with no, an exact and a
+    wildcard Host."""
+    routes = []
+    for i in range(10_000):
+        route = {"prefix": f"/team{i % 100}/svc{i}", "upstream": "api"}
+        if i % 3:
+            route["host"] = ("", f"svc{i % 50}.example.com", f"*.svc{i % 50}.example.com")[i % 3]
+        routes.append(route)
+    return routes
+
+
+def test_ten_thousand_distinct_routes_validate(tmp_path: Path) -> None:
+    routes = ten_thousand_routes()
+    assert len(load_settings(write(tmp_path, VALID), routes=routes).routes) == 10_000
+    # ... and every one of them was looked at: a duplicate at the end is found.
+    with pytest.raises(ConfigError, match=r"routes\.10000: duplicate route: routes\.9999 "):
+        load_settings(write(tmp_path, VALID), routes=[*routes, routes[-1]])
+
+
 @pytest.mark.live
 @pytest.mark.parametrize(
     ("text", "field"),
