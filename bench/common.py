@@ -211,6 +211,21 @@ def nginx(template: str, files: dict[str, int] | None = None, **values: Any) -> 
 # -- Relay ---------------------------------------------------------------------------------
 
 
+def server_section(
+    port: int, admin: int, workers: int = 1, drain: float = 0, grace: float = 1
+) -> dict[str, Any]:
+    """The ``server:`` section of a benchmark's Relay: loopback listeners, no drain delay."""
+    return {
+        "host": LOOPBACK,
+        "port": port,
+        "admin_host": LOOPBACK,
+        "admin_port": admin,
+        "workers": workers,
+        "drain_delay_seconds": drain,
+        "grace_period_seconds": grace,
+    }
+
+
 @contextmanager
 def relay(
     upstream_url: str,
@@ -238,15 +253,7 @@ def relay(
     port, admin = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         config = {
-            "server": {
-                "host": LOOPBACK,
-                "port": port,
-                "admin_host": LOOPBACK,
-                "admin_port": admin,
-                "workers": workers,
-                "drain_delay_seconds": 0,
-                "grace_period_seconds": 1,
-            },
+            "server": server_section(port, admin, workers),
             "log": {"access_log": access_log, "level": "INFO" if access_log else "WARNING"},
             "upstreams": {
                 "up": {

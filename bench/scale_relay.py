@@ -15,15 +15,15 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import yaml
-from common import LOOPBACK, ROOT, free_port, process
+from common import LOOPBACK, ROOT, free_port, process, server_section
+from loads import tree_rss
 
 MB = 1_000_000
 FORMATS = {
@@ -53,16 +53,7 @@ class Started:
 
 def rss_kib(pid: int) -> int:
     """Resident memory now (not the peak) of a process and its descendants (workers)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            total += proc.memory_info().rss
-    return total // 1024
+    return tree_rss(pid) // 1024
 
 
 def open_fds(pid: int) -> int:
@@ -155,15 +146,7 @@ def scaled_relay(
     port, admin = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="relay-bench-scale-") as tmp:
         config = {
-            "server": {
-                "host": LOOPBACK,
-                "port": port,
-                "admin_host": LOOPBACK,
-                "admin_port": admin,
-                "workers": workers,
-                "drain_delay_seconds": 0,
-                "grace_period_seconds": 1,
-            },
+            "server": server_section(port, admin, workers),
             "log": {"access_log": False, "level": "WARNING"},
             **parts,
         }

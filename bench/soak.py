@@ -66,6 +66,7 @@ from common import (
     handle_signals,
     markdown_table,
     process,
+    server_section,
     wait_ready,
 )
 from soak_upstreams import BODY_1K, CHUNK, MIB, STREAM_CHUNKS, faulty, healthy, serve, slow
@@ -123,15 +124,7 @@ def relay_config(
         }
 
     return {
-        "server": {
-            "host": LOOPBACK,
-            "port": port,
-            "admin_host": LOOPBACK,
-            "admin_port": admin,
-            "workers": workers,
-            "drain_delay_seconds": 0.5,
-            "grace_period_seconds": 10,
-        },
+        "server": server_section(port, admin, workers, drain=0.5, grace=10),
         "log": {"access_log": False, "level": "WARNING"},
         "upstreams": {
             "healthy": upstream("healthy", 10),

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from service.server.listeners import EXIT_CANNOT_START
-from tests.support.net import free_port, kill, stop, wait_http, wait_started
+from tests.support.net import free_port, kill, wait_http, wait_until
 from tests.support.recording import recording_upstream_thread
 from tests.support.relays import spawn_relay
 
@@ -231,43 +231,23 @@ def test_a_thousand_upstreams_start_well_within_the_startup_probe(tmp_path: Path
     budget = startup_probe_budget()
     count = 1000
     with recording_upstream_thread() as upstream:
-        port, admin_port = free_port(), free_port()
         config = {
-            "server": {
-                "host": "127.0.0.1",
-                "port": port,
-                "admin_host": "127.0.0.1",
-                "admin_port": admin_port,
-                "drain_delay_seconds": 0,
-            },
             "log": {"access_log": False},
             "upstreams": {f"u{n}": {"url": upstream.url} for n in range(count)},
             "routes": [{"prefix": f"/svc{n}", "upstream": f"u{n}"} for n in range(count)],
         }
-        path, log_path = tmp_path / "relay.yaml", tmp_path / "relay.log"
-        path.write_text(yaml.safe_dump(config))
         started = time.monotonic()
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service", "--config", str(path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=clean_env(),
-            )
-        try:
-            wait_started(process, f"http://127.0.0.1:{admin_port}/readyz", log_path, budget)
+        with spawn_relay(config, tmp_path, ready_within=budget) as relay:
             took = time.monotonic() - started
             # A quarter of the budget: today about 1 s on one core; the margin is for a
             # loaded CI machine, not for per-upstream cost creeping back.
             assert took < budget / 4, f"ready after {took:.1f}s (probe budget {budget:.0f}s)"
             last = count - 1
-            answer = httpx.get(f"http://127.0.0.1:{port}/svc{last}/x", timeout=10)
+            answer = httpx.get(f"{relay.url}/svc{last}/x", timeout=10)
             assert answer.status_code == 200
             assert upstream.requests[-1].target == f"/svc{last}/x".encode()
-            metrics = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=30).text
+            metrics = httpx.get(f"{relay.admin_url}/metrics", timeout=30).text
             assert f'relay_upstream_retries_total{{upstream="u{last}"}} 0.0' in metrics
-        finally:
-            stop(process)
 
 
 def test_the_open_files_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
@@ -283,28 +263,12 @@ def test_the_open_files_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> 
     def low_soft_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
 
-    port, admin_port = free_port(), free_port()
     config = {
-        "server": {"host": "127.0.0.1", "port": port, "admin_host": "127.0.0.1",
-                   "admin_port": admin_port, "drain_delay_seconds": 0},
         "upstreams": {"api": {"url": f"http://127.0.0.1:{free_port()}"}},
         "routes": [{"prefix": "/", "upstream": "api"}],
-    }  # fmt: skip
-    path, log_path = tmp_path / "relay.yaml", tmp_path / "relay.log"
-    path.write_text(yaml.safe_dump(config))
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service", "--config", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-            preexec_fn=low_soft_limit,
-        )
-    try:
-        wait_started(process, f"http://127.0.0.1:{admin_port}/readyz", log_path)
-        metrics = httpx.get(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).text
+    }
+    with spawn_relay(config, tmp_path, preexec_fn=low_soft_limit) as relay:
+        metrics = httpx.get(f"{relay.admin_url}/metrics", timeout=10).text
         assert f"process_max_fds {float(expected)}" in metrics
-    finally:
-        stop(process)
-    messages = [json.loads(line)["message"] for line in log_path.read_text().splitlines()]
-    assert f"open files: soft limit raised from 256 to {expected} (the hard limit)" in messages
+        raised = f"open files: soft limit raised from 256 to {expected} (the hard limit)"
+        wait_until(lambda: relay.messages(raised) == [raised], 10, "the line saying so")

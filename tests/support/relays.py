@@ -120,11 +120,15 @@ def spawn_relay(
     env: dict[str, str] | None = None,
     *,
     new_session: bool = False,
+    ready_within: float = 20.0,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[RelayProcess]:
-    """``python -m service --config FILE`` as a real process on free loopback ports.
+    """``python -m service --config FILE`` as a real process on free loopback ports, ready
+    (``/readyz``) within ``ready_within`` seconds.
 
     ``new_session``: in a process group of its own, as a shell starts a command, so that
-    ``os.killpg`` delivers a signal the way a terminal's Ctrl-C does."""
+    ``os.killpg`` delivers a signal the way a terminal's Ctrl-C does. ``preexec_fn``: run in
+    the child before it starts (say, to set its resource limits)."""
     require_live("a relay process")
     port, admin_port = free_port(), free_port()
     server = {
@@ -147,13 +151,14 @@ def spawn_relay(
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=new_session,
+            preexec_fn=preexec_fn,
         )
     running = RelayProcess(
         process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log_path
     )
     try:
         try:
-            wait_http(f"{running.admin_url}/readyz")
+            wait_http(f"{running.admin_url}/readyz", within=ready_within)
         except AssertionError:
             raise AssertionError(f"relay did not start:\n{running.log()}") from None
         yield running
