@@ -64,15 +64,16 @@ async def test_aiohttp_instance_names_on_a_pool_that_made_a_request() -> None:
     async with upstream.running():
         transport = AiohttpTransport(limits=httpx.Limits(max_connections=2), tls=PLAIN)
         async with transport:
+            assert transport._session is None  # opened by the first request
+            response = await transport.handle_async_request(
+                httpx.Request("GET", f"{upstream.url}/")
+            )
             session = transport._session
             assert session is not None and session._retry_connection is False
             targets = {aiohttp.TCPConnector: session.connector, aiohttp.ClientSession: session}
             for owner, target in targets.items():
                 names = aiohttp_compat.INSTANCE_NAMES[owner]
                 assert [n for n in names if not hasattr(target, n)] == [], owner
-            response = await transport.handle_async_request(
-                httpx.Request("GET", f"{upstream.url}/")
-            )
             assert [chunk async for chunk in response.stream] == [b"ok"]
             await response.aclose()
             assert transport.idle_connections() == 1  # read through TCPConnector._conns

@@ -195,20 +195,27 @@ def test_upstreams_share_one_tls_context_per_distinct_setting() -> None:
 
 
 async def test_aiohttp_pools_share_one_resolver() -> None:
-    """aiohttp would give each upstream's pool a resolver of its own."""
+    """aiohttp would give each upstream's pool a resolver of its own; a pool opens on its
+    upstream's first request."""
     from service.config import UpstreamConfig
     from service.upstreams.aiohttp_pool import AiohttpTransport
     from service.upstreams.pools import UpstreamSet
 
-    configs = {f"u{n}": UpstreamConfig(url=f"http://127.0.0.1:{9000 + n}") for n in range(3)}
-    upstreams = UpstreamSet(configs)
-    await upstreams.open()
-    try:
-        resolvers = set()
-        for upstream in upstreams.values():
-            inner = upstream.transport.inner
-            assert isinstance(inner, AiohttpTransport) and inner._session is not None
-            resolvers.add(id(inner._session.connector._resolver))  # type: ignore[union-attr]
-        assert resolvers == {id(upstreams.resolver.get())}
-    finally:
-        await upstreams.close()
+    server = ScriptedUpstream({"/": respond(200, b"ok")})
+    async with server.running():
+        configs = {f"u{n}": UpstreamConfig(url=server.url) for n in range(3)}
+        upstreams = UpstreamSet(configs)
+        await upstreams.open()
+        try:
+            resolvers = set()
+            for upstream in upstreams.values():
+                inner = upstream.transport.inner
+                assert isinstance(inner, AiohttpTransport) and inner._session is None
+                response = await upstream.send(upstream.request("GET", b"/", [], None))
+                assert await response.aread() == b"ok"
+                await response.aclose()
+                assert inner._session is not None
+                resolvers.add(id(inner._session.connector._resolver))  # type: ignore[union-attr]
+            assert resolvers == {id(upstreams.resolver.get())}
+        finally:
+            await upstreams.close()
