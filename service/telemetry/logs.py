@@ -206,6 +206,12 @@ def access_fields(exchange: Exchange) -> dict[str, Any]:
         "duration_ms": ms(exchange.total_seconds),
         "request_bytes": exchange.request_bytes,
         "response_bytes": exchange.response_bytes,
+        "upstream_status": exchange.upstream_status_if_changed,
+        "request_id": exchange.request_id,
+        "client_addr": exchange.client_addr,
+        "peer_addr": exchange.peer_addr,
+        "http_version": exchange.http_version,
+        "user_agent": exchange.user_agent,
     }
 
 
