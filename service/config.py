@@ -154,6 +154,9 @@ class LogConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
     access_log: bool = True
+    # Access lines of successful exchanges kept: 1 in this many (counted per worker, not
+    # drawn at random); every error, failure and disconnect is always kept. 1: all.
+    access_sample: Annotated[int, Field(ge=1)] = 1
 
 
 # Header fields the proxy itself removes, rewrites or adds (service.headers: hop-by-hop,

@@ -194,6 +194,53 @@ def test_upstream_status_only_when_the_client_got_something_else(
     ]
 
 
+def sampled(kind: str) -> Exchange:
+    exchange = Exchange(method="GET", route="api", upstream="api", path=f"/{kind}")
+    exchange.status = {"ok": 200, "redirect": 302, "not_found": 404, "failed": 503}.get(kind)
+    exchange.response_started = exchange.response_complete = kind != "incomplete"
+    if kind == "client_gone":
+        exchange.status = 200
+        exchange.response_complete = False
+        exchange.disconnected(Side.CLIENT)
+    if kind == "failed":
+        exchange.reason = Reason.CONNECT
+    if kind == "incomplete":
+        exchange.status = 200
+        exchange.response_started = True
+    return exchange
+
+
+def test_access_sample_keeps_every_error_and_one_in_n_successes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure(LogConfig(format="json", access_sample=4))
+    observer = AccessLogObserver(sample=4)
+    kinds = ["ok", "redirect", "not_found", "ok", "client_gone", "ok", "failed", "ok"]
+    kinds += ["incomplete", "ok", "ok", "ok", "ok"]
+    for kind in kinds:
+        observer.finished(sampled(kind))
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    # Successes (ok, redirect) are counted: the 1st, 5th and 9th are kept.
+    assert [line["path"] for line in lines] == [
+        "/ok",
+        "/not_found",
+        "/client_gone",
+        "/failed",
+        "/ok",
+        "/incomplete",
+        "/ok",
+    ]
+    assert [line["outcome"] for line in lines] == [
+        "ok",
+        "ok",
+        "client_disconnect",
+        "connect",
+        "ok",
+        "incomplete",
+        "ok",
+    ]
+
+
 def test_text_quotes_values_that_would_break_the_line(capsys: pytest.CaptureFixture[str]) -> None:
     configure(LogConfig(format="text"))
     exchange = finished_exchange()

@@ -86,6 +86,7 @@ def config_file(tmp_path: Any, text: str) -> str:
         ("request_id: {header: X-Forwarded-For}", "request_id.header: Value error"),
         ("request_id: {header: Traceparent}", "is a header the proxy sets or removes itself"),
         ("request_id: {keep_untrusted: maybe}", "request_id.keep_untrusted: Input should be"),
+        ("log: {access_sample: 0}", "log.access_sample: Input should be greater than or equal"),
     ],
 )
 def test_bad_settings_are_named(tmp_path: Any, text: str, error: str) -> None:
@@ -100,9 +101,12 @@ def test_settings_defaults_and_environment(tmp_path: Any, monkeypatch: pytest.Mo
         "X-Request-Id",
         False,
     )
+    assert settings.log.access_sample == 1
     monkeypatch.setenv("RELAY_REQUEST_ID__HEADER", "X-Correlation-Id")
+    monkeypatch.setenv("RELAY_LOG__ACCESS_SAMPLE", "10")
     settings = load_settings(config_file(tmp_path, ""))
     assert settings.request_id.header == "X-Correlation-Id"
+    assert settings.log.access_sample == 10
     monkeypatch.setenv("RELAY_REQUEST_ID__HEADER", "Host")
     with pytest.raises(ConfigError, match=r"^invalid config: RELAY_REQUEST_ID__HEADER=Host: "):
         load_settings(config_file(tmp_path, ""))
@@ -470,4 +474,26 @@ async def test_upstream_status_when_the_client_got_something_else(
         ("/scripted/101", 502, 101, "protocol"),
         ("/scripted/reset", 200, 200, "reset"),
         ("/api/ok", 200, None, "ok"),
+    ]
+
+
+async def test_access_sample_keeps_every_error_and_one_in_n_successes(
+    stack: AsyncExitStack, access: Records
+) -> None:
+    rig_ = await rig(stack, log={"access_sample": 3})
+    paths = [f"/api/{n}" for n in range(7)] + ["/nowhere", "/dead/x"]
+    paths += [f"/api/{n}" for n in range(7, 14)] + ["/nowhere/last"]
+    for path in paths:
+        await get(rig_.relay.url, path)
+    # Requests went one at a time: once the last one is logged, every earlier one was.
+    await eventually(lambda: bool(access()) and logged(access()[-1], "path") == "/nowhere/last")
+    assert [logged(r, "path") for r in access()] == [
+        "/api/0",
+        "/api/3",
+        "/api/6",
+        "/nowhere",
+        "/dead/x",
+        "/api/9",
+        "/api/12",
+        "/nowhere/last",
     ]
