@@ -108,7 +108,7 @@ class Relay:
         )
         chain: list[ExchangeObserver] = [self.metrics]
         if settings.log.access_log:
-            chain.insert(0, AccessLogObserver())
+            chain.insert(0, AccessLogObserver(settings.log.access_sample))
         if tracing is not None:
             chain.append(TracingObserver())
         self.observers = Observers(chain)

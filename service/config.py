@@ -154,6 +154,63 @@ class LogConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
     access_log: bool = True
+    # Access lines of successful exchanges kept: 1 in this many (counted per worker, not
+    # drawn at random); every error, failure and disconnect is always kept. 1: all.
+    access_sample: Annotated[int, Field(ge=1)] = 1
+
+
+# Header fields the proxy itself removes, rewrites or adds (service.headers: hop-by-hop,
+# forwarding and claimed-client names, framing, Via; the trace context): a request id in
+# one of them would be dropped or overwritten on the way. tests/test_request_ids.py checks
+# that every name service.headers handles is here.
+RESERVED_HEADERS: frozenset[str] = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "host",
+        "content-length",
+        "via",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-server",
+        "x-original-url",
+        "x-rewrite-url",
+        "true-client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "proxy-status",
+        "traceparent",
+        "tracestate",
+    }
+)
+
+
+class RequestIdConfig(_Strict):
+    """The request id every exchange carries (README, *Request ids*)."""
+
+    # Read from trusted clients, sent upstream, returned on every response.
+    header: Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")] = "X-Request-Id"
+    # true: keep a well-formed id from any client, not only from server.trusted_proxies.
+    keep_untrusted: bool = False
+
+    @field_validator("header")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.lower() in RESERVED_HEADERS:
+            raise ValueError(f"{value!r} is a header the proxy sets or removes itself")
+        return value
 
 
 class TracingConfig(_Strict):
@@ -205,6 +262,7 @@ class Settings(BaseSettings):
     tracing: TracingConfig = TracingConfig()
     demo: DemoConfig = DemoConfig()
     limits: LimitsConfig = LimitsConfig()
+    request_id: RequestIdConfig = RequestIdConfig()
     upstreams: dict[Name, UpstreamConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
 

@@ -163,10 +163,11 @@ def error_response(
     text: str | None = None,
     retry_after_seconds: int | None = None,
     close: bool = False,
+    request_id: tuple[bytes, bytes] | None = None,
 ) -> ErrorResponse:
     """The answer for ``reason``, served by the proxy (ASGI) and the parse-time guard (raw
     bytes) alike. ``text`` replaces the reason's own; ``close``: the connection closes after
-    it whatever the reason."""
+    it whatever the reason; ``request_id``: the exchange's request id field."""
     failure = FAILURES[reason]
     phrase = HTTPStatus(failure.status).phrase
     body = f"{failure.status} {phrase}: {text or failure.text}\n".encode()
@@ -181,4 +182,6 @@ def error_response(
         headers.append((b"retry-after", str(retry_after_seconds).encode()))
     if close or reason in CLOSE_AFTER:
         headers.append((b"connection", b"close"))
+    if request_id is not None:
+        headers.append(request_id)
     return ErrorResponse(failure.status, headers, body)

@@ -13,6 +13,9 @@ from enum import StrEnum
 
 from .errors import FAILURES, Reason
 
+# Of a client's User-Agent, in logs: enough for any real one, bounded for a hostile one.
+USER_AGENT_CHARS = 256
+
 
 class Side(StrEnum):
     CLIENT = "client"
@@ -43,6 +46,13 @@ class Exchange:
     response_started: bool = False
     response_complete: bool = False
     traced: bool = False  # its outcome is on the server span already
+    request_id: str | None = None
+    peer_addr: str | None = None  # the connection's peer
+    peer_trusted: bool = False  # in server.trusted_proxies
+    client_addr: str | None = None  # the peer, or the client a trusted peer forwarded for
+    user_agent: str | None = None  # at most USER_AGENT_CHARS
+    http_version: str | None = None  # "1.1", "1.0"
+    upstream_status: int | None = None  # the status the upstream answered with, if it did
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started
@@ -84,6 +94,15 @@ class Exchange:
             and self.status >= 500
             and self.disconnect_side is not Side.CLIENT
         )
+
+    @property
+    def upstream_status_if_changed(self) -> int | None:
+        """The upstream's status when the client did not get that response as sent: Relay
+        answered another status (an invalid upstream status), or cut its body short."""
+        upstream = self.upstream_status
+        if upstream is not None and (upstream != self.status or self.truncated):
+            return upstream
+        return None
 
     @property
     def outcome(self) -> str:

@@ -29,6 +29,7 @@ from .headers import (
     has_body,
     upstream_request_headers,
 )
+from .request_ids import RequestIds
 from .routing import rewrite_path
 from .upstreams.pools import Body, Upstream
 
@@ -107,6 +108,7 @@ class ProxyHop:
     max_body: int  # 0: unlimited
     retry_after_seconds: int
     observer: ExchangeObserver
+    request_ids: RequestIds
 
     @classmethod
     def of(cls, settings: Settings, observer: ExchangeObserver) -> ProxyHop:
@@ -118,7 +120,13 @@ class ProxyHop:
             max_body=settings.limits.max_body_bytes,
             retry_after_seconds=server.retry_after_seconds,
             observer=observer,
+            request_ids=RequestIds.of(settings.request_id),
         )
+
+    def request_id_field(self, exchange: Exchange) -> tuple[bytes, bytes] | None:
+        if exchange.request_id is None:
+            return None
+        return self.request_ids.field(exchange.request_id)
 
     async def send_error(
         self, send: Send, exchange: Exchange, reason: Reason, upstream: str | None
@@ -129,6 +137,7 @@ class ProxyHop:
             server_name=self.server_name,
             upstream=upstream,
             retry_after_seconds=self.retry_after_seconds,
+            request_id=self.request_id_field(exchange),
         )
         exchange.fail(reason)
         self.observer.failing(exchange)
@@ -160,6 +169,7 @@ class Forwarding:
         self.route = route
         self.upstream = upstream
         self.channel = ClientChannel(receive, exchange, hop.max_body)
+        self.request_id = hop.request_id_field(exchange)  # the field, both ways
 
     async def run(self) -> None:
         """Forward while a watcher task waits for the client to hang up.
@@ -193,14 +203,14 @@ class Forwarding:
             exchange.status = CLIENT_CLOSED_REQUEST
 
     def _request(self) -> httpx.Request:
-        scope, upstream = self.scope, self.upstream
+        scope, upstream, exchange = self.scope, self.upstream, self.exchange
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
-        client = scope.get("client")
         ctx = RequestContext(
-            peer=client[0] if client else None,
+            peer=exchange.peer_addr,
             scheme=scope.get("scheme", "http"),
-            http_version=scope.get("http_version", "1.1"),
+            http_version=exchange.http_version or "1.1",
             host=first_value(raw_headers, b"host"),
+            trusted=exchange.peer_trusted,
         )
         out_headers = upstream_request_headers(
             raw_headers,
@@ -209,6 +219,7 @@ class Forwarding:
             preserve_host=upstream.config.preserve_host,
             via_name=self.hop.via,
             trusted=self.hop.trusted,
+            request_id=self.request_id,
         )
         raw_path = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
@@ -227,6 +238,7 @@ class Forwarding:
         went, or the proxy answered with its own error."""
         try:
             response = await self.upstream.send(self._request())
+            self.exchange.upstream_status = response.status_code
             if not 200 <= response.status_code <= 599:
                 # Not a final status the proxy can forward (e.g. 101 to a request whose
                 # Upgrade was stripped, or 600+): the ASGI server would fail on it.
@@ -256,9 +268,10 @@ class Forwarding:
             self.hop.observer.headers(exchange)
             headers = downstream_response_headers(
                 response.headers.raw,
-                http_version=self.scope.get("http_version", "1.1"),
+                http_version=exchange.http_version or "1.1",
                 via_name=self.hop.via,
                 status=response.status_code,
+                request_id=self.request_id,
             )
             await self.send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}

@@ -107,6 +107,7 @@ class RequestContext:
     scheme: str
     http_version: str
     host: bytes | None
+    trusted: bool | None = None  # the peer is a trusted proxy; None: look it up
 
 
 def _lowered_and_dropped(raw: Iterable[tuple[bytes, bytes]]) -> tuple[RawHeaders, set[bytes]]:
@@ -130,10 +131,14 @@ def upstream_request_headers(
     preserve_host: bool,
     via_name: bytes,
     trusted: TrustedNetworks,
+    request_id: tuple[bytes, bytes] | None = None,
 ) -> RawHeaders:
-    """Headers to send upstream: hop-by-hop removed, Host set, Via and X-Forwarded-* added."""
+    """Headers to send upstream: hop-by-hop removed, Host set, Via and X-Forwarded-* added,
+    and ``request_id`` (a field) in place of any the client sent under its name."""
     lowered, drop = _lowered_and_dropped(raw)
-    trusted_peer = peer_is_trusted(ctx.peer, trusted)
+    trusted_peer = peer_is_trusted(ctx.peer, trusted) if ctx.trusted is None else ctx.trusted
+    if request_id is not None:
+        drop.add(request_id[0])
     if not trusted_peer:
         drop |= CLAIMED_NAMES
     prior_for: list[bytes] = []
@@ -186,6 +191,8 @@ def upstream_request_headers(
         if ctx.host:
             element += b";host=" + _quoted(ctx.host)
         out.append((b"forwarded", b", ".join([*prior_forwarded, element])))
+    if request_id is not None:
+        out.append(request_id)
     return out
 
 
@@ -195,9 +202,14 @@ def downstream_response_headers(
     http_version: str,
     via_name: bytes,
     status: int | None = None,
+    request_id: tuple[bytes, bytes] | None = None,
 ) -> RawHeaders:
-    """Headers to send to the client: hop-by-hop removed and this hop added to ``Via``."""
+    """Headers to send to the client: hop-by-hop removed and this hop added to ``Via``, and
+    ``request_id`` (a field) in place of any the upstream sent under its name: the client
+    gets the id that the proxy logged."""
     lowered, drop = _lowered_and_dropped(raw)
+    if request_id is not None:
+        drop.add(request_id[0])
     if status in (204, 304) or any(n == b"transfer-encoding" for n, _ in lowered):
         # No body follows a 204 or 304, whatever Content-Length says (a 304 may carry the
         # representation's), and the ASGI server would wait for that many bytes. With
@@ -215,7 +227,34 @@ def downstream_response_headers(
             out.append((name, value))
     hop = f"{http_version} ".encode() + via_name
     out.append((b"via", b", ".join([*prior_via, hop])))
+    if request_id is not None:
+        out.append(request_id)
     return out
+
+
+def forwarded_client(
+    headers: Iterable[tuple[bytes, bytes]], peer: str, trusted: TrustedNetworks
+) -> str:
+    """The client a trusted peer forwarded the request for, as nginx's realip module finds
+    it with ``real_ip_recursive on``: ``X-Forwarded-For`` read from the right, skipping the
+    addresses of trusted proxies; the first other address is the client. An element that is
+    not an IP address ends the walk at the last address reached (the peer, at worst)."""
+    elements = [
+        element.strip()
+        for name, value in headers
+        if name == b"x-forwarded-for"
+        for element in value.split(b",")
+    ]
+    client = peer
+    for element in reversed(elements):
+        try:
+            address = ipaddress.ip_address(element.decode("latin-1"))
+        except ValueError:
+            break
+        client = str(address)
+        if not any(address in network for network in trusted):
+            break
+    return client
 
 
 def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:

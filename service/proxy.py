@@ -14,6 +14,7 @@ from .errors import Reason
 from .exchange import Exchange, ExchangeObserver
 from .forwarding import Forwarding, ProxyHop
 from .headers import first_value
+from .request_ids import REQUEST_ID_KEY, identify
 from .routing import Router
 from .upstreams.pools import UpstreamSet
 
@@ -48,8 +49,27 @@ class Proxy:
             path=scope["path"],
             route_prefix=route.prefix if route else None,
         )
+        self._identify(scope, headers, exchange)
         self._observer.started(exchange)
         return route, exchange
+
+    def _identify(
+        self, scope: Scope, headers: list[tuple[bytes, bytes]], exchange: Exchange
+    ) -> None:
+        """Who sent the request, and its request id, which stays in the scope: the
+        parse-time guard answers with it if it refuses the rest of this request."""
+        client = scope.get("client")
+        hop = self._hop
+        identify(
+            exchange,
+            headers,
+            client[0] if client else None,
+            scope.get("http_version", "1.1"),
+            trusted=hop.trusted,
+            ids=hop.request_ids,
+            known_id=scope.get(REQUEST_ID_KEY),
+        )
+        scope[REQUEST_ID_KEY] = exchange.request_id
 
     def _end(self, exchange: Exchange) -> None:
         exchange.mark_done()

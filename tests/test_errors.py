@@ -231,6 +231,6 @@ async def test_the_guard_and_the_proxy_answer_errors_alike() -> None:
     assert proxy_status == "HTTP/1.1 404 Not Found"
     assert proxy_body == b"404 Not Found: no route for this request\n"
     shared = ["content-type", "content-length", "proxy-status", "cache-control", "date"]
-    assert guard_fields == [*shared, "connection"]
+    assert guard_fields == [*shared, "connection", "x-request-id"]
     # uvicorn adds its own "connection: close" when the client asked for it.
-    assert [f for f in proxy_fields if f != "connection"] == shared
+    assert [f for f in proxy_fields if f != "connection"] == [*shared, "x-request-id"]

@@ -27,6 +27,7 @@ HOP_BY_HOP = ("connection", "keep-alive", "te", "trailer", "upgrade", "proxy-aut
 GZIPPED = gzip.compress(b"hello " * 100)
 # What a bare request picks up on its way through the proxy, and nothing else.
 ADDED_BY_PROXY = {"host", "via", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+ADDED_BY_PROXY |= {"x-request-id"}
 
 Headers = list[tuple[bytes, bytes]]
 

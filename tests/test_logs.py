@@ -13,6 +13,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from service.config import LogConfig
+from service.errors import Reason
 from service.exchange import Exchange, Side
 from service.telemetry.logs import AccessLogObserver, configure
 
@@ -29,7 +30,11 @@ def restore_logging() -> Iterator[None]:
 
 def finished_exchange() -> Exchange:
     exchange = Exchange(method="GET", route="api", upstream="api", path="/users/7")
-    exchange.status = 200
+    exchange.request_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    exchange.client_addr, exchange.peer_addr = "198.51.100.9", "10.0.0.2"
+    exchange.user_agent = "curl/8.5.0 (x86_64-pc-linux-gnu) libcurl"
+    exchange.http_version = "1.1"
+    exchange.status = exchange.upstream_status = 200
     exchange.mark_headers()
     exchange.response_started = True
     exchange.response_bytes = 1234
@@ -55,6 +60,11 @@ def test_json_access_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert (line["disconnect_side"], line["disconnect_phase"]) == ("client", "body")
     assert line["response_bytes"] == 1234
     assert line["duration_ms"] >= line["headers_ms"] >= 0
+    assert line["request_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert (line["client_addr"], line["peer_addr"]) == ("198.51.100.9", "10.0.0.2")
+    assert line["user_agent"] == "curl/8.5.0 (x86_64-pc-linux-gnu) libcurl"
+    assert line["http_version"] == "1.1"
+    assert line["upstream_status"] is None  # the client got the upstream's 200 (then left)
 
 
 def test_trace_ids_in_every_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,14 +150,95 @@ def test_text_access_line_has_every_json_field(capsys: pytest.CaptureFixture[str
     assert RFC3339_MS_UTC.match(stamp)
     assert (level, logger) == ("INFO", "relay.access")
     assert rest.startswith(f"GET /users/7 200 {as_json['duration_ms']:.1f}ms ")
-    pairs = dict(pair.split("=", 1) for pair in rest.split(" ")[4:])
+    pairs = text_pairs(rest)
     skipped = {"time", "level", "logger", "message", "method", "path", "status", "duration_ms"}
     expected = {k: v for k, v in as_json.items() if k not in skipped and v is not None}
     assert set(pairs) == set(expected)
     assert pairs["headers_ms"] == f"{as_json['headers_ms']:.1f}"
     for key in ("route", "upstream", "outcome", "disconnect_side", "disconnect_phase"):
         assert pairs[key] == as_json[key]
+    for key in ("request_id", "client_addr", "peer_addr", "user_agent", "http_version"):
+        assert pairs[key] == as_json[key]
     assert pairs["response_bytes"] == "1234"
+    # A value with spaces is one JSON string, so the line still splits into its pairs.
+    assert ' user_agent="curl/8.5.0 (x86_64-pc-linux-gnu) libcurl"' in rest
+
+
+PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def text_pairs(text: str) -> dict[str, str]:
+    return {
+        key: json.loads(value) if value.startswith('"') else value
+        for key, value in PAIR.findall(text)
+    }
+
+
+def test_upstream_status_only_when_the_client_got_something_else(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure(LogConfig(format="json"))
+    cut = finished_exchange()
+    cut.disconnect_side = cut.disconnect_phase = None
+    cut.reason = Reason.RESET  # the upstream failed mid-body: the client got a cut 200
+    replaced = Exchange(method="GET", route="api", upstream="api", path="/")
+    replaced.upstream_status = 101
+    replaced.fail(Reason.PROTOCOL)
+    for exchange in (finished_exchange(), cut, replaced):
+        AccessLogObserver().finished(exchange)
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(line["status"], line["upstream_status"]) for line in lines] == [
+        (200, None),
+        (200, 200),
+        (502, 101),
+    ]
+
+
+def sampled(kind: str) -> Exchange:
+    exchange = Exchange(method="GET", route="api", upstream="api", path=f"/{kind}")
+    exchange.status = {"ok": 200, "redirect": 302, "not_found": 404, "failed": 503}.get(kind)
+    exchange.response_started = exchange.response_complete = kind != "incomplete"
+    if kind == "client_gone":
+        exchange.status = 200
+        exchange.response_complete = False
+        exchange.disconnected(Side.CLIENT)
+    if kind == "failed":
+        exchange.reason = Reason.CONNECT
+    if kind == "incomplete":
+        exchange.status = 200
+        exchange.response_started = True
+    return exchange
+
+
+def test_access_sample_keeps_every_error_and_one_in_n_successes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure(LogConfig(format="json", access_sample=4))
+    observer = AccessLogObserver(sample=4)
+    kinds = ["ok", "redirect", "not_found", "ok", "client_gone", "ok", "failed", "ok"]
+    kinds += ["incomplete", "ok", "ok", "ok", "ok"]
+    for kind in kinds:
+        observer.finished(sampled(kind))
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    # Successes (ok, redirect) are counted: the 1st, 5th and 9th are kept.
+    assert [line["path"] for line in lines] == [
+        "/ok",
+        "/not_found",
+        "/client_gone",
+        "/failed",
+        "/ok",
+        "/incomplete",
+        "/ok",
+    ]
+    assert [line["outcome"] for line in lines] == [
+        "ok",
+        "ok",
+        "client_disconnect",
+        "connect",
+        "ok",
+        "incomplete",
+        "ok",
+    ]
 
 
 def test_text_quotes_values_that_would_break_the_line(capsys: pytest.CaptureFixture[str]) -> None:

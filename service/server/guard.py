@@ -25,9 +25,11 @@ import httptools
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from ..config import LimitsConfig
+from ..config import LimitsConfig, RequestIdConfig
 from ..errors import Reason, error_response
 from ..exchange import Exchange, ExchangeObserver, report_refused
+from ..headers import TrustedNetworks
+from ..request_ids import REQUEST_ID_KEY, RequestIds, identify
 from .head_checks import Rejection, check_head, routing_path
 from .uvicorn_compat import UvicornProtocol, service_unavailable
 
@@ -64,6 +66,8 @@ class Guard(UvicornProtocol):
     # Bytes a head (or a chunk line and trailer section) may take without the parser
     # moving on: beyond it no request could still be within the limits.
     stall_budget: ClassVar[int] = stall_budget_for(LimitsConfig())
+    trusted: ClassVar[TrustedNetworks] = ()
+    request_ids: ClassVar[RequestIds] = RequestIds.of(RequestIdConfig())
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -225,18 +229,19 @@ class Guard(UvicornProtocol):
             if own.response_started:
                 self.transport.close()
             else:
-                self._write_error(rejection, own.scope["method"])
+                exchange = self._exchange(own.scope["method"], own.scope["path"], own.scope)
+                self._write_error(rejection, exchange)
                 self._close_lingering()
             return
-        method = own.scope["method"] if own is not None else self._method()
-        self._write_error(rejection, method)
+        if own is not None:
+            exchange = self._exchange(own.scope["method"], own.scope["path"], own.scope)
+        else:
+            path = self.url.split(b"?", 1)[0][:_LOGGED_PATH_BYTES].decode("latin-1")
+            exchange = self._exchange(self._method(), path, None)
+        self._write_error(rejection, exchange)
         self._close_lingering()
-        path = (
-            own.scope["path"]
-            if own is not None
-            else self.url.split(b"?", 1)[0][:_LOGGED_PATH_BYTES].decode("latin-1")
-        )
-        self._report(rejection, method, path)
+        if self.observer is not None:
+            report_refused(self.observer, exchange, rejection.reason)
 
     def _close_lingering(self) -> None:
         """Half-close, then discard what the client still sends for a moment: closing with
@@ -256,13 +261,37 @@ class Guard(UvicornProtocol):
         # DELETE before that).
         return str(self.parser.get_method().decode("ascii")) if self.url else "-"
 
-    def _write_error(self, rejection: Rejection, method: str) -> None:
-        response = error_response(
-            rejection.reason, server_name=self.server_name, text=rejection.text, close=True
+    def _exchange(self, method: str, path: str, scope: Any) -> Exchange:
+        """The refused exchange's record, with its client and request id (the one the proxy
+        chose already when the request reached it)."""
+        exchange = Exchange(method=method, route=None, upstream=None, path=path)
+        headers = scope["headers"] if scope is not None else self.headers or []
+        version = scope["http_version"] if scope is not None else self._http_version()
+        identify(
+            exchange,
+            headers,
+            self.client[0] if self.client else None,
+            version,
+            trusted=self.trusted,
+            ids=self.request_ids,
+            known_id=scope.get(REQUEST_ID_KEY) if scope is not None else None,
         )
-        self.transport.write(response.wire(head_only=method == "HEAD"))
+        if scope is not None:
+            scope[REQUEST_ID_KEY] = exchange.request_id
+        return exchange
 
-    def _report(self, rejection: Rejection, method: str, path: str) -> None:
-        if self.observer is not None:
-            exchange = Exchange(method=method, route=None, upstream=None, path=path)
-            report_refused(self.observer, exchange, rejection.reason)
+    def _http_version(self) -> str | None:
+        # Known once the request line was parsed (llhttp says 0.0 before it).
+        version = str(self.parser.get_http_version())
+        return None if version == "0.0" else version
+
+    def _write_error(self, rejection: Rejection, exchange: Exchange) -> None:
+        assert exchange.request_id is not None
+        response = error_response(
+            rejection.reason,
+            server_name=self.server_name,
+            text=rejection.text,
+            close=True,
+            request_id=self.request_ids.field(exchange.request_id),
+        )
+        self.transport.write(response.wire(head_only=exchange.method == "HEAD"))

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..app import Relay
 from ..config import Settings
+from ..request_ids import RequestIds
 from .coalesce import CoalescedWrites
 from .guard import Guard, stall_budget_for
 from .uvicorn_compat import UvicornProtocol
@@ -62,5 +63,7 @@ class RelayProtocol(DrainSafe, CoalescedWrites, Guard):
             "observer": relay.observers,
             "overloaded": relay.proxy.overloaded,
             "stall_budget": stall_budget_for(settings.limits),
+            "trusted": settings.server.trusted_proxies,
+            "request_ids": RequestIds.of(settings.request_id),
         }
         return type(cls.__name__, (cls,), attributes)

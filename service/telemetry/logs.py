@@ -206,11 +206,36 @@ def access_fields(exchange: Exchange) -> dict[str, Any]:
         "duration_ms": ms(exchange.total_seconds),
         "request_bytes": exchange.request_bytes,
         "response_bytes": exchange.response_bytes,
+        "upstream_status": exchange.upstream_status_if_changed,
+        "request_id": exchange.request_id,
+        "client_addr": exchange.client_addr,
+        "peer_addr": exchange.peer_addr,
+        "http_version": exchange.http_version,
+        "user_agent": exchange.user_agent,
     }
 
 
+def is_success(exchange: Exchange) -> bool:
+    """Sent in full, below 400, nobody hung up: the lines ``log.access_sample`` thins."""
+    status = exchange.status
+    return status is not None and status < 400 and exchange.outcome == "ok"
+
+
 class AccessLogObserver(ExchangeObserver):
+    """One access line per exchange; of the successful ones, 1 in ``sample`` (counted, so
+    that a steady stream keeps exactly that share; every other line is kept)."""
+
+    def __init__(self, sample: int = 1) -> None:
+        self._sample = sample
+        self._successes = 0
+
     def finished(self, exchange: Exchange) -> None:
-        if access_log.isEnabledFor(logging.INFO):
-            fields = access_fields(exchange)
-            access_log.info("request", extra={**fields, ACCESS_FIELDS: fields})
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        if self._sample > 1 and is_success(exchange):
+            kept = self._successes % self._sample == 0
+            self._successes += 1
+            if not kept:
+                return
+        fields = access_fields(exchange)
+        access_log.info("request", extra={**fields, ACCESS_FIELDS: fields})

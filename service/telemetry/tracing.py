@@ -51,6 +51,7 @@ log = logging.getLogger("relay.tracing")
 DEFAULT_SERVICE_NAME = "relay"
 SEMCONV_ENV = "OTEL_SEMCONV_STABILITY_OPT_IN"
 UPSTREAM_ATTRIBUTE = "relay.upstream"
+REQUEST_ID_ATTRIBUTE = "relay.request_id"
 NATIVE_SCOPE = "relay"  # the instrumentation scope of tracing.instrumentation: native
 Instrumentation = Literal["stock", "native"]
 
@@ -211,6 +212,8 @@ class TracingObserver(ExchangeObserver):
             span.set_attribute("relay.route", exchange.route)
         if exchange.upstream is not None:
             span.set_attribute(UPSTREAM_ATTRIBUTE, exchange.upstream)
+        if exchange.request_id is not None:
+            span.set_attribute(REQUEST_ID_ATTRIBUTE, exchange.request_id)
 
     def failing(self, exchange: Exchange) -> None:
         self._record(exchange)
