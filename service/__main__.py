@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import sys
 
 from . import __version__
-from .config import CONFIG_ENV_VAR, ConfigError, config_path, load_settings
+from .config import CONFIG_ENV_VAR, ConfigError, config_path, deprecations, load_settings
 from .telemetry.logs import configure
 
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         print(settings.model_dump_json(indent=2))
         return
     configure(settings.log)
+    for warning in deprecations(settings):
+        logging.getLogger("relay").warning(warning)
     from .server.workers import run
 
     run(settings, config_file)
