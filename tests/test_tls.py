@@ -338,6 +338,7 @@ def test_bad_files_are_config_errors_naming_the_field(
         assert "\n" not in message
 
 
+@pytest.mark.live
 def test_bad_file_stops_the_process_with_exit_2(tmp_path: Path) -> None:
     missing = tmp_path / "ca.pem"
     config = tmp_path / "relay.yaml"
