@@ -22,7 +22,7 @@ from service.errors import Reason
 from tests.support.http import http_client
 from tests.support.metrics import metric, scrape_async
 from tests.support.net import eventually
-from tests.support.relays import RunningRelay, one_upstream, run_relay
+from tests.support.relays import RunningRelay, one_upstream, run_relay, spawn_relay
 from tests.support.tls import SecretVolume, TlsUpstream, pem, server_context
 
 RELOAD = 0.05  # seconds between checks of the files, instead of 5
@@ -373,6 +373,25 @@ def test_verify_tls_is_a_deprecated_alias_of_tls_verify() -> None:
     assert deprecations(settings) == [
         "upstreams.old.verify_tls is deprecated: use upstreams.old.tls.verify"
     ]
+
+
+@pytest.mark.live
+def test_verify_tls_warning_is_logged_once_at_start(tmp_path: Path) -> None:
+    """Once per process start, by the supervisor: not once per worker."""
+    config = {
+        "server": {"workers": 2},
+        "upstreams": {"old": {"url": "https://127.0.0.1:9", "verify_tls": False}},
+        "routes": [{"prefix": "/", "upstream": "old"}],
+    }
+    with spawn_relay(config, tmp_path) as relay:
+        pass
+    warnings = [
+        line
+        for line in relay.lines()
+        if line["message"] == "upstreams.old.verify_tls is deprecated: use upstreams.old.tls.verify"
+    ]
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "WARNING"
 
 
 # -- which failures are TLS ones -------------------------------------------------------------
