@@ -22,7 +22,7 @@ from .telemetry.metrics import Metrics
 from .telemetry.pod import WorkerSlot, WorkerState
 from .telemetry.tracing import Tracing, TracingObserver, current_exemplar
 from .upstreams.pools import PoolSnapshot, UpstreamSet
-from .upstreams.tls import TlsSource, tls_settings
+from .upstreams.tls import TlsSource, check_files, tls_settings
 
 POOL_SAMPLE_SECONDS = 1.0
 
@@ -44,6 +44,14 @@ def load_app_hook(spec: str | None) -> AppHook | None:
         raise ConfigError(f"server.app_hook: {spec!r} is not callable")
     hook: AppHook = target
     return hook
+
+
+def check_tls_files(settings: Settings) -> None:
+    """Read every upstream's TLS files now: a bad one stops the start (``ConfigError``
+    naming the field) rather than failing the first requests. The contexts built are the
+    ones the upstreams then share."""
+    for name, upstream in settings.upstreams.items():
+        check_files(name, upstream)
 
 
 class Health:

@@ -343,11 +343,6 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
             demo = settings.demo
             data["upstreams"] = {"demo": {"url": f"http://{demo.host}:{demo.port}"}}
             settings = Settings(**data)
-        # Imported here: the TLS module reads this one's models.
-        from .upstreams.tls import check_files
-
-        for name, upstream in settings.upstreams.items():
-            check_files(name, upstream)  # a bad certificate file stops the start, named
         return settings
     except ValidationError as exc:
         message = format_validation_error(exc, Settings, os.environ)

@@ -17,6 +17,7 @@ import pytest
 import trustme
 import yaml
 
+from service.app import check_tls_files
 from service.config import ConfigError, Settings, UpstreamConfig, deprecations, load_settings
 from service.errors import Reason
 from tests.support.http import http_client
@@ -332,7 +333,7 @@ def test_bad_files_are_config_errors_naming_the_field(
         config = tmp_path / "relay.yaml"
         config.write_text(yaml.safe_dump(https(tmp_path, **tls)))
         with pytest.raises(ConfigError) as raised:
-            load_settings(config)
+            check_tls_files(load_settings(config))
         message = str(raised.value)
         assert message.startswith("invalid config: " + expected), (name, message)
         assert "\n" not in message

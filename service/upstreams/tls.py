@@ -21,12 +21,10 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 
-if TYPE_CHECKING:
-    from ..config import UpstreamConfig
+from ..config import ConfigError, UpstreamConfig
 
 log = logging.getLogger("relay.tls")
 
@@ -202,14 +200,14 @@ def server_name(config: UpstreamConfig) -> str | None:
 
 
 def check_files(name: str, config: UpstreamConfig) -> None:
-    """Build ``config``'s context now, so a bad file stops the start: ``ValueError`` naming
-    ``upstreams.<name>.tls.<field>``."""
+    """Build ``config``'s context now, so that a bad file stops the start: ``ConfigError``
+    naming ``upstreams.<name>.tls.<field>``."""
     if config.url.scheme != "https" or not config.tls.files:
         return
     try:
         upstream_tls(config)
     except TlsFileError as exc:
-        raise ValueError(f"upstreams.{name}.tls.{exc}") from None
+        raise ConfigError(f"invalid config: upstreams.{name}.tls.{exc}") from None
 
 
 def as_source(tls: TlsSource | ssl.SSLContext) -> TlsSource:
