@@ -46,7 +46,7 @@ def stock_for(upstream: Upstream) -> StockTransport:
         max_keepalive_connections=pool.max_keepalive_connections,
         keepalive_expiry=pool.keepalive_expiry_seconds,
     )
-    return StockTransport(limits=limits, verify=upstream.config.verify_tls, trust_env=False)
+    return StockTransport(limits=limits, verify=upstream.config.tls.verify, trust_env=False)
 
 
 async def swap_to_stock(upstream: Upstream) -> None:

@@ -339,7 +339,8 @@ def errors() -> dict[str, Any]:
             f"(rate(relay_upstream_errors_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{reason}} {{upstream}}")], "reqps",
           "connect, connect_timeout, read_timeout, write_timeout, pool_timeout, protocol, "
-          "reset, overloaded (503 at server.limit_concurrency), internal (a Relay bug).",
+          "tls (upstream TLS handshake or certificate), reset, "
+          "overloaded (503 at server.limit_concurrency), internal (a Relay bug).",
           links=[runbook("RelayUpstreamConnectFailures"), runbook("RelayInternalErrors")]),
         Panel("Responses cut short", [Query(
             f"sum by (upstream, route) "

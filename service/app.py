@@ -22,6 +22,7 @@ from .telemetry.metrics import Metrics
 from .telemetry.pod import WorkerSlot, WorkerState
 from .telemetry.tracing import Tracing, TracingObserver, current_exemplar
 from .upstreams.pools import PoolSnapshot, UpstreamSet
+from .upstreams.tls import TlsSource, check_files, tls_settings
 
 POOL_SAMPLE_SECONDS = 1.0
 
@@ -43,6 +44,14 @@ def load_app_hook(spec: str | None) -> AppHook | None:
         raise ConfigError(f"server.app_hook: {spec!r} is not callable")
     hook: AppHook = target
     return hook
+
+
+def check_tls_files(settings: Settings) -> None:
+    """Read every upstream's TLS files now: a bad one stops the start (``ConfigError``
+    naming the field) rather than failing the first requests. The contexts built are the
+    ones the upstreams then share."""
+    for name, upstream in settings.upstreams.items():
+        check_files(name, upstream)
 
 
 class Health:
@@ -104,7 +113,9 @@ class Relay:
             pod=slot.table if slot is not None else None,
         )
         self.metrics.start_at_zero(
-            settings.upstreams, [(route.upstream, route.label) for route in settings.routes]
+            settings.upstreams,
+            [(route.upstream, route.label) for route in settings.routes],
+            [name for name, config in settings.upstreams.items() if tls_settings(config).files()],
         )
         chain: list[ExchangeObserver] = [self.metrics]
         if settings.log.access_log:
@@ -148,6 +159,8 @@ class Relay:
             async with anyio.create_task_group() as tg:
                 if self.metrics.multiprocess:
                     tg.start_soon(self._sample_pools)
+                for source, names in upstreams.tls_sources().items():
+                    tg.start_soon(self._watch_tls, source, names)
                 yield
                 tg.cancel_scope.cancel()
         finally:
@@ -158,6 +171,15 @@ class Relay:
             if self.tracing is not None:
                 # Flushes queued spans; bounded by the exporter's own timeout.
                 await anyio.to_thread.run_sync(self.tracing.shutdown)
+
+    async def _watch_tls(self, source: TlsSource, upstreams: list[str]) -> None:
+        """Re-read ``source``'s files when they change: a stat of each per interval, off the
+        request path; the rebuild (CA bundle parsing) in a thread."""
+        while True:
+            await anyio.sleep(source.settings.reload_interval_seconds)
+            swapped = await anyio.to_thread.run_sync(source.refresh)
+            if swapped is not None:
+                self.metrics.tls_reload(upstreams, swapped)
 
     async def _sample_pools(self) -> None:
         while True:

@@ -87,13 +87,62 @@ class TimeoutConfig(_Strict):
     pool: Seconds | None = 5.0
 
 
+class TlsConfig(_Strict):
+    """TLS towards an upstream (``https://`` URLs only). The files are read at start and
+    re-read when they change on disk (README, *Upstream TLS*)."""
+
+    verify: bool = True
+    # Extra trust anchors (PEM), on top of the default bundle unless system_ca is false.
+    ca_file: Path | None = None
+    system_ca: bool = True
+    # mTLS: the client certificate (PEM, chain allowed) and its key (unencrypted PEM); the
+    # key may sit in cert_file itself.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # SNI and the name the certificate must hold, for a URL holding an IP address.
+    server_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")] | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # How often the files are checked for a change (a stat each, off the request path).
+    reload_interval_seconds: Seconds = 5.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file: needs cert_file (the certificate of that key)")
+        if self.verify and not self.system_ca and self.ca_file is None:
+            raise ValueError(
+                "system_ca: false with no ca_file trusts nothing: give ca_file or set verify: false"
+            )
+        return self
+
+    @property
+    def files(self) -> bool:
+        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+
+
 class UpstreamConfig(_Strict):
     url: AnyHttpUrl
     transport: Literal["aiohttp", "httpcore"] = "aiohttp"
     preserve_host: bool = False
-    verify_tls: bool = True
+    # Deprecated: tls.verify (a warning at start; both given and different is an error).
+    verify_tls: bool | None = None
+    tls: TlsConfig = TlsConfig()
     pool: PoolConfig = PoolConfig()
     timeouts: TimeoutConfig = TimeoutConfig()
+
+    @model_validator(mode="after")
+    def _verify_tls_alias(self) -> UpstreamConfig:
+        old = self.verify_tls
+        if old is None or old == self.tls.verify:
+            return self
+        if "verify" in self.tls.model_fields_set:
+            raise ValueError(
+                f"verify_tls ({str(old).lower()}, deprecated) contradicts tls.verify "
+                f"({str(self.tls.verify).lower()}): give tls.verify only"
+            )
+        # Frozen model: the alias is folded into tls once, here.
+        object.__setattr__(self, "tls", self.tls.model_copy(update={"verify": old}))
+        return self
 
     @field_validator("url", mode="before")
     @classmethod
@@ -358,6 +407,15 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid config: {message}") from exc
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from exc
+
+
+def deprecations(settings: Settings) -> list[str]:
+    """One warning per deprecated field in use, each naming its replacement."""
+    return [
+        f"upstreams.{name}.verify_tls is deprecated: use upstreams.{name}.tls.verify"
+        for name, upstream in settings.upstreams.items()
+        if upstream.verify_tls is not None
+    ]
 
 
 def summary(settings: Settings, path: Path | None) -> str:

@@ -7,6 +7,7 @@ status, so the four can never disagree.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from email.utils import formatdate
 from enum import StrEnum
@@ -22,6 +23,7 @@ class Reason(StrEnum):
     WRITE_TIMEOUT = "write_timeout"
     POOL_TIMEOUT = "pool_timeout"
     PROTOCOL = "protocol"
+    TLS = "tls"
     RESET = "reset"
     NO_ROUTE = "no_route"
     BAD_REQUEST = "bad_request"
@@ -49,6 +51,9 @@ FAILURES: dict[Reason, Failure] = {
         503, "connection_limit_reached", "no upstream connection available"
     ),
     Reason.PROTOCOL: Failure(502, "http_protocol_error", "invalid upstream response"),
+    # Proxy-Status says which: tls_certificate_error (the certificate was not accepted, by
+    # either side) or tls_protocol_error (tls_error_type).
+    Reason.TLS: Failure(502, "tls_certificate_error", "upstream TLS handshake failed"),
     Reason.RESET: Failure(502, "connection_terminated", "upstream closed the connection"),
     Reason.NO_ROUTE: Failure(404, "destination_not_found", "no route for this request"),
     Reason.BAD_REQUEST: Failure(400, "http_request_error", "malformed request"),
@@ -98,8 +103,49 @@ class BodyTooLarge(Exception):
     """The request body grew past ``limits.max_body_bytes`` while it was being forwarded."""
 
 
+def ssl_error_of(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS failure behind ``exc``: both transports raise the httpx exception from the
+    pool's, itself from the ``ssl`` module's (bounded: chains are a few links long). A
+    connection that ended inside TLS (EOF, close_notify) is not one: that is a reset."""
+    link: BaseException | None = exc
+    for _ in range(8):
+        if link is None:
+            return None
+        if isinstance(link, ssl.SSLError):
+            ended = isinstance(link, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+            reason = getattr(link, "reason", None)  # set when OpenSSL raised it
+            return None if ended or reason == "UNEXPECTED_EOF_WHILE_READING" else link
+        link = link.__cause__ or link.__context__
+    return None
+
+
+# OpenSSL's reasons for a certificate refused by the peer (an alert) rather than by us.
+_CERTIFICATE_ALERTS = ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
+
+
+def tls_error_type(exc: BaseException) -> str:
+    """The Proxy-Status error of a TLS failure: a certificate that was not accepted (ours by
+    the upstream, or the upstream's by us: unknown CA, name mismatch, expired) or any other
+    handshake or protocol failure."""
+    error = ssl_error_of(exc)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return "tls_certificate_error"
+    reason = str(getattr(error, "reason", None) or "")
+    if any(word in reason for word in _CERTIFICATE_ALERTS):
+        return "tls_certificate_error"
+    return "tls_protocol_error"
+
+
 def classify(exc: BaseException) -> Reason:
     """Map an httpx exception (from either transport) to its reason."""
+    if (
+        isinstance(exc, httpx.TransportError | ssl.SSLError)
+        and not isinstance(exc, StaleConnectionError)
+        and ssl_error_of(exc) is not None
+    ):
+        return Reason.TLS
+    if isinstance(exc, ssl.SSLError):
+        return Reason.RESET  # the connection ended inside TLS
     if isinstance(exc, httpx.PoolTimeout):
         return Reason.POOL_TIMEOUT
     if isinstance(exc, httpx.ConnectTimeout):
@@ -123,9 +169,12 @@ def classify(exc: BaseException) -> Reason:
     return Reason.INTERNAL
 
 
-def proxy_status(server_name: str, reason: Reason, upstream: str | None) -> str:
-    """An RFC 9209 ``Proxy-Status`` field value naming this proxy, the error and the hop."""
-    value = f"{server_name}; error={FAILURES[reason].proxy_status_error}"
+def proxy_status(
+    server_name: str, reason: Reason, upstream: str | None, error: str | None = None
+) -> str:
+    """An RFC 9209 ``Proxy-Status`` field value naming this proxy, the error and the hop;
+    ``error`` replaces the reason's own error type (tls: which TLS failure)."""
+    value = f"{server_name}; error={error or FAILURES[reason].proxy_status_error}"
     if upstream is not None:
         value += f'; next-hop="{upstream}"'
     return value
@@ -164,17 +213,19 @@ def error_response(
     retry_after_seconds: int | None = None,
     close: bool = False,
     request_id: tuple[bytes, bytes] | None = None,
+    error: str | None = None,
 ) -> ErrorResponse:
     """The answer for ``reason``, served by the proxy (ASGI) and the parse-time guard (raw
     bytes) alike. ``text`` replaces the reason's own; ``close``: the connection closes after
-    it whatever the reason; ``request_id``: the exchange's request id field."""
+    it whatever the reason; ``request_id``: the exchange's request id field; ``error``: the
+    Proxy-Status error type, if not the reason's."""
     failure = FAILURES[reason]
     phrase = HTTPStatus(failure.status).phrase
     body = f"{failure.status} {phrase}: {text or failure.text}\n".encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
-        (b"proxy-status", proxy_status(server_name, reason, upstream).encode()),
+        (b"proxy-status", proxy_status(server_name, reason, upstream, error).encode()),
         (b"cache-control", b"no-store"),
         (b"date", formatdate(usegmt=True).encode()),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from .config import RouteConfig, Settings
-from .errors import BodyTooLarge, Reason, classify, error_response
+from .errors import BodyTooLarge, Reason, classify, error_response, tls_error_type
 from .exchange import Exchange, ExchangeObserver, Side
 from .headers import (
     RequestContext,
@@ -34,6 +35,10 @@ from .routing import rewrite_path
 from .upstreams.pools import Body, Upstream
 
 log = logging.getLogger("relay.proxy")
+
+# httpcore lets a TLS alert received after the handshake (say, the upstream refusing our
+# client certificate under TLS 1.3) through as the ssl module's own error.
+UPSTREAM_ERRORS = (httpx.HTTPError, ssl.SSLError)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
 
@@ -129,15 +134,22 @@ class ProxyHop:
         return self.request_ids.field(exchange.request_id)
 
     async def send_error(
-        self, send: Send, exchange: Exchange, reason: Reason, upstream: str | None
+        self,
+        send: Send,
+        exchange: Exchange,
+        reason: Reason,
+        upstream: str | None,
+        error: str | None = None,
     ) -> None:
-        """Answer with the proxy's own error for ``reason`` (nothing sent yet)."""
+        """Answer with the proxy's own error for ``reason`` (nothing sent yet); ``error``:
+        the Proxy-Status error type when not the reason's own."""
         response = error_response(
             reason,
             server_name=self.server_name,
             upstream=upstream,
             retry_after_seconds=self.retry_after_seconds,
             request_id=self.request_id_field(exchange),
+            error=error,
         )
         exchange.fail(reason)
         self.observer.failing(exchange)
@@ -250,10 +262,10 @@ class Forwarding:
         except BodyTooLarge:
             # Raised by the body reader inside the upstream request, which it aborts.
             await self.fail(Reason.BODY_TOO_LARGE)
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             reason = self._failed(exc)
             log.debug("upstream %s failed before headers: %s (%r)", self.upstream.name, reason, exc)
-            await self.fail(reason)
+            await self.fail(reason, tls_error_type(exc) if reason is Reason.TLS else None)
         except Exception:
             log.exception("unexpected failure forwarding to %s", self.upstream.name)
             await self.fail(Reason.INTERNAL)
@@ -282,7 +294,7 @@ class Forwarding:
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             exchange.response_complete = True
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             # Headers are gone already: returning without the final body message makes the
             # server drop the connection, so the client sees a truncated response, never a
             # complete-looking one.
@@ -295,9 +307,9 @@ class Forwarding:
         finally:
             await response.aclose()
 
-    async def fail(self, reason: Reason) -> None:
+    async def fail(self, reason: Reason, error: str | None = None) -> None:
         """Answer with the proxy's own error for ``reason``, naming the upstream."""
-        await self.hop.send_error(self.send, self.exchange, reason, self.upstream.name)
+        await self.hop.send_error(self.send, self.exchange, reason, self.upstream.name, error)
 
     def _failed(self, exc: BaseException) -> Reason:
         reason = classify(exc)

@@ -26,6 +26,7 @@ ALLOWED_SKIPS = {
     "overlays/production": {"CKV_K8S_11"},
     "overlays/dev": {"CKV_K8S_11", "CKV_K8S_43"},
     "overlays/local": {"CKV_K8S_11", "CKV_K8S_43", "CKV_K8S_15"},
+    "overlays/upstream-tls": {"CKV_K8S_11"},
 }
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
@@ -266,6 +267,25 @@ def test_rules_are_scoped_to_the_namespace_they_are_installed_in(target: str) ->
     assert one(rendered(target), "Deployment")["metadata"]["namespace"] == namespace
     exprs = [r["expr"] for group in rule["spec"]["groups"] for r in group["rules"]]
     assert {m for expr in exprs for m in re.findall(r'namespace="([^"]*)"', expr)} == {namespace}
+
+
+@pytest.mark.live
+def test_upstream_tls_overlay_mounts_the_secret_its_config_reads() -> None:
+    from service.config import Settings
+
+    documents = rendered("overlays/upstream-tls")
+    pod = one(documents, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"] is True
+    assert volume["secret"]["defaultMode"] == 0o440  # the pod's fsGroup reads it, nobody writes
+    config = yaml.safe_load(one(documents, "ConfigMap", "relay-config")["data"]["config.yaml"])
+    tls = Settings(**config).upstreams["billing"].tls
+    files = [tls.ca_file, tls.cert_file, tls.key_file]
+    assert all(f is not None for f in files)
+    assert {str(f.parent) for f in files if f is not None} == {mount["mountPath"]}
+    assert {f.name for f in files if f is not None} == {"ca.pem", "client.pem", "client.key"}
 
 
 def dashboard_uids(documents: list[dict[str, Any]]) -> list[str]:

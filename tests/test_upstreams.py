@@ -4,6 +4,8 @@ leak) and the stale keep-alive retry policy, for both transports."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,33 +154,34 @@ async def test_fresh_connection_closed_is_not_retried(
     assert [r.path for r in upstream.seen] == ["/s", "/ok"]
 
 
-def test_upstreams_share_one_tls_context_per_distinct_setting() -> None:
+def test_upstreams_share_one_tls_context_per_distinct_setting(tmp_path: Path) -> None:
     """Loading the CA bundle costs about 20 ms of CPU and 0.8 MB: once per process and
     setting, not once per upstream, nor per fresh-connection retry of the httpcore pool; and
-    none at all for plain-HTTP upstreams."""
+    none at all for plain-HTTP upstreams. Upstreams naming the same files share one source
+    (one poll of the files, one swap on rotation)."""
     import ssl
+
+    import trustme
 
     from service.config import UpstreamConfig
     from service.upstreams.aiohttp_pool import AiohttpTransport
     from service.upstreams.httpcore_pool import HttpcoreTransport
     from service.upstreams.pools import Upstream, _NullObserver
-    from service.upstreams.tls import TlsSettings, tls_context
+    from service.upstreams.tls import TlsSettings, tls_context, tls_source
 
-    tls_context.cache_clear()
+    tls_source.cache_clear()
 
-    def context_of(url: str, transport: str, verify: bool = True) -> ssl.SSLContext:
-        config = UpstreamConfig(url=url, transport=transport, verify_tls=verify)
+    def context_of(url: str, transport: str, verify: bool = True, **tls: Any) -> ssl.SSLContext:
+        config = UpstreamConfig(url=url, transport=transport, tls={"verify": verify, **tls})
         inner = Upstream("u", config, _NullObserver()).transport.inner
-        if isinstance(inner, AiohttpTransport):
-            return inner._ssl
-        assert isinstance(inner, HttpcoreTransport)
-        return inner._verify
+        assert isinstance(inner, AiohttpTransport | HttpcoreTransport)
+        return inner._tls.context
 
     for transport in ("aiohttp", "httpcore"):
         for n in range(3):
             plain = context_of(f"http://plain{n}.test:8080", transport)
             assert plain is tls_context(TlsSettings(verify=False))
-    assert tls_context.cache_info().currsize == 1  # no CA bundle loaded for plain HTTP
+    assert tls_source.cache_info().currsize == 1  # no CA bundle loaded for plain HTTP
     verifying = {
         id(context_of(f"https://{n}.test", t)) for n in "abc" for t in ("aiohttp", "httpcore")
     }
@@ -191,7 +194,19 @@ def test_upstreams_share_one_tls_context_per_distinct_setting() -> None:
     assert verifying != unverified
     assert tls_context(TlsSettings(verify=True)).verify_mode == ssl.CERT_REQUIRED
     assert tls_context(TlsSettings(verify=False)).verify_mode == ssl.CERT_NONE
-    assert tls_context.cache_info().currsize == 2
+    assert tls_source.cache_info().currsize == 2
+    ca = trustme.CA()
+    for name in ("one.pem", "two.pem"):
+        ca.cert_pem.write_to_path(str(tmp_path / name))
+    private = {
+        id(context_of(f"https://{n}.test", t, ca_file=tmp_path / "one.pem"))
+        for n in "abc"
+        for t in ("aiohttp", "httpcore")
+    }
+    other = context_of("https://d.test", "aiohttp", ca_file=tmp_path / "two.pem")
+    assert len(private) == 1
+    assert id(other) not in private | verifying
+    assert tls_source.cache_info().currsize == 4
 
 
 async def test_aiohttp_pools_share_one_resolver() -> None:

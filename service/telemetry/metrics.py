@@ -44,6 +44,8 @@ UPSTREAM = ["upstream"]
 UPSTREAM_ROUTE = ["upstream", "route"]
 ERROR_LABELS = ["upstream", "reason"]
 DISCONNECT_LABELS = ["upstream", "side", "phase"]
+TLS_RELOAD_LABELS = ["upstream", "result"]
+TLS_RELOAD_RESULTS = ("success", "failure")
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -225,6 +227,13 @@ class Metrics(ExchangeObserver):
             "Requests retried after a reused keep-alive connection was closed by the upstream.",
             UPSTREAM,
         )
+        self.tls_reloads = self._counter(
+            "tls_reloads",
+            "Upstream TLS files (CA, client certificate, key) re-read after a change on disk, "
+            "by result: success (new connections use them) or failure (unusable, the previous "
+            "ones stay).",
+            TLS_RELOAD_LABELS,
+        )
 
     def _define_pool_waits(self) -> None:
         self.pool_wait_seconds = self._histogram(
@@ -296,13 +305,19 @@ class Metrics(ExchangeObserver):
         for collector in process_collectors(None):
             self.registry.register(collector)
 
-    def start_at_zero(self, upstreams: Iterable[str], routes: Iterable[tuple[str, str]]) -> None:
+    def start_at_zero(
+        self,
+        upstreams: Iterable[str],
+        routes: Iterable[tuple[str, str]],
+        tls_files: Iterable[str] = (),
+    ) -> None:
         """Expose the counter series of every configured upstream and route at 0 from the
         first scrape (zeros.py says why, and why at scrape time): per upstream, every failure
         reason, disconnect side and phase, retries, pool timeouts, body bytes and requests in
         flight; per route, failed and truncated requests. ``relay_requests_total`` (method
         and status code) and the histograms appear on first use: creating them for every
-        method and code would multiply the series of each route by about 50.
+        method and code would multiply the series of each route by about 50. ``tls_files``:
+        the upstreams whose TLS files are watched (their reloads, by result).
         """
         names = list(upstreams)
         per_upstream = [(name,) for name in names]
@@ -317,6 +332,8 @@ class Metrics(ExchangeObserver):
         pairs = list(routes)
         zero(self.failed, UPSTREAM_ROUTE, pairs)
         zero(self.truncated, UPSTREAM_ROUTE, pairs)
+        reloads = [(u, result) for u in tls_files for result in TLS_RELOAD_RESULTS]
+        zero(self.tls_reloads, TLS_RELOAD_LABELS, reloads)
 
     # -- pool observer (called from the pool gate) --------------------------------------
     def pool_wait(self, upstream: str, seconds: float) -> None:
@@ -327,6 +344,12 @@ class Metrics(ExchangeObserver):
 
     def retry(self, upstream: str) -> None:
         self.retries.labels(upstream).inc()
+
+    def tls_reload(self, upstreams: Iterable[str], swapped: bool) -> None:
+        """The TLS files of ``upstreams`` changed: ``swapped`` if the new ones are in use."""
+        result = TLS_RELOAD_RESULTS[0] if swapped else TLS_RELOAD_RESULTS[1]
+        for upstream in upstreams:
+            self.tls_reloads.labels(upstream, result).inc()
 
     def sample_pools(self) -> None:
         """Copy pool snapshots into live gauges (multiprocess mode's periodic sampler)."""

@@ -29,6 +29,7 @@ from yarl import URL
 from ..errors import StaleConnectionError
 from .aiohttp_compat import HookedConnector, disable_silent_retry, payload_of
 from .attempt import AttemptInfo, PoolTransport, attempt_of
+from .tls import TlsSource, as_source
 
 # aiohttp adds these when absent; a proxy must send only what the client sent.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -265,13 +266,14 @@ class AiohttpTransport(PoolTransport):
         self,
         *,
         limits: httpx.Limits,
-        tls: ssl.SSLContext,
+        tls: TlsSource | ssl.SSLContext,
         resolver: SharedResolver | None = None,
     ) -> None:
-        """``tls``: the context of upstream connections (upstreams/tls.py); ``resolver``: a
-        resolver shared with other pools, else the pool has one of its own."""
+        """``tls``: the source of upstream connections' context (upstreams/tls.py), read for
+        each request; ``resolver``: a resolver shared with other pools, else the pool has
+        one of its own."""
         self._limits = limits
-        self._ssl = tls
+        self._tls = as_source(tls)
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
 
@@ -281,7 +283,7 @@ class AiohttpTransport(PoolTransport):
             limit=self._limits.max_connections or 0,
             limit_per_host=0,
             keepalive_timeout=self._limits.keepalive_expiry,
-            ssl=self._ssl,
+            ssl=self._tls.context,
             resolver=self._resolver.get() if self._resolver is not None else None,
         )
         session = aiohttp.ClientSession(
@@ -343,6 +345,11 @@ class AiohttpTransport(PoolTransport):
                 allow_redirects=False,
                 compress=None,
                 timeout=timeout,
+                # Per request, as the context may be swapped (rotated files): a new context
+                # makes a new pool key, so idle connections made with the old one are not
+                # reused and expire.
+                ssl=self._tls.context,
+                server_hostname=request.extensions.get("sni_hostname"),
             )
         except asyncio.CancelledError:
             if watch is not None and watch.absorb():

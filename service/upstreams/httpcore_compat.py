@@ -8,10 +8,13 @@
   past the end of a response are found there (httpcore_pool.py). Each link is followed with
   no default: a renamed one raises ``IncompatibleLibrary`` rather than switching that
   protection off.
+* ``AsyncConnectionPool._ssl_context``: the context each new connection of the pool uses,
+  swapped when an upstream's TLS files are rotated.
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import httpcore
@@ -33,6 +36,14 @@ def pool_connections(
     if not isinstance(pool, httpcore.AsyncConnectionPool):
         raise incompatible("httpx", "AsyncHTTPTransport._pool as an httpcore.AsyncConnectionPool")
     return pool.connections
+
+
+def set_pool_ssl_context(transport: httpx.AsyncHTTPTransport, context: ssl.SSLContext) -> None:
+    """New connections of ``transport``'s pool use ``context``."""
+    pool = transport._pool
+    if not isinstance(pool, httpcore.AsyncConnectionPool) or not hasattr(pool, "_ssl_context"):
+        raise incompatible("httpcore", "AsyncConnectionPool._ssl_context")
+    pool._ssl_context = context
 
 
 def h11_state_of(stream: httpx.AsyncByteStream) -> Any:

@@ -13,7 +13,8 @@ import httpx
 
 from ..errors import StaleConnectionError
 from .attempt import PoolTransport, WrappedStream, attempt_of
-from .httpcore_compat import h11_state_of, pool_connections
+from .httpcore_compat import h11_state_of, pool_connections, set_pool_ssl_context
+from .tls import TlsSource, as_source
 
 
 class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
@@ -21,16 +22,23 @@ class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
 
     cancel_safe = False  # encode/httpcore#1093: see pools.py
 
-    def __init__(self, *, tls: ssl.SSLContext, **kwargs: Any) -> None:
-        """``tls``: the context of upstream connections (upstreams/tls.py)."""
-        self._verify = tls
-        super().__init__(verify=tls, **kwargs)
+    def __init__(self, *, tls: TlsSource | ssl.SSLContext, **kwargs: Any) -> None:
+        """``tls``: the source of upstream connections' context (upstreams/tls.py)."""
+        self._tls = as_source(tls)
+        self._context = self._tls.context
+        super().__init__(verify=self._context, **kwargs)
 
     def idle_connections(self) -> int:
         return sum(1 for c in pool_connections(self) if c.is_idle())
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         info = attempt_of(request)
+        context = self._tls.context
+        if context is not self._context:
+            # Rotated files: connections opened from now on use the new context; open
+            # ones keep theirs.
+            set_pool_ssl_context(self, context)
+            self._context = context
         if info.fresh:
             return await self._on_new_connection(request)
         info.reused = True
@@ -63,7 +71,9 @@ class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
         against the gate slot the request holds, like any other.
         """
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=0)
-        transport = httpx.AsyncHTTPTransport(verify=self._verify, trust_env=False, limits=limits)
+        transport = httpx.AsyncHTTPTransport(
+            verify=self._tls.context, trust_env=False, limits=limits
+        )
         try:
             response = await transport.handle_async_request(request)
         except BaseException:

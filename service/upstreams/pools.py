@@ -36,7 +36,7 @@ from .attempt import PoolTransport, WrappedStream, attempt_of
 from .client import UpstreamClient
 from .gate import Gate, GateTimeout
 from .httpcore_pool import HttpcoreTransport
-from .tls import upstream_tls
+from .tls import TlsSource, server_name, upstream_tls
 
 TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -283,7 +283,8 @@ class Upstream:
             max_keepalive_connections=config.pool.max_keepalive_connections,
             keepalive_expiry=config.pool.keepalive_expiry_seconds,
         )
-        tls = upstream_tls(config)
+        tls = self.tls = upstream_tls(config)
+        self._sni = server_name(config)  # sent as httpcore's extension; aiohttp's pool reads it
         inner: PoolTransport
         if config.transport == "aiohttp":
             inner = AiohttpTransport(limits=limits, tls=tls, resolver=resolver)
@@ -316,7 +317,9 @@ class Upstream:
         its header map a second time to add them.
         """
         url = httpx.URL(self._origin + target.decode("ascii"))
-        extensions = {"timeout": self.timeouts}
+        extensions: dict[str, Any] = {"timeout": self.timeouts}
+        if self._sni is not None:
+            extensions["sni_hostname"] = self._sni
         if body is None:
             return httpx.Request(
                 method, url, headers=headers, stream=NO_BODY, extensions=extensions
@@ -359,6 +362,14 @@ class UpstreamSet:
 
     def snapshots(self) -> list[PoolSnapshot]:
         return [u.snapshot() for u in self._upstreams.values()]
+
+    def tls_sources(self) -> dict[TlsSource, list[str]]:
+        """The sources whose files are watched, each with the upstreams using it."""
+        found: dict[TlsSource, list[str]] = {}
+        for name, upstream in self._upstreams.items():
+            if upstream.tls.watched:
+                found.setdefault(upstream.tls, []).append(name)
+        return found
 
     async def open(self) -> None:
         for upstream in self._upstreams.values():

@@ -10,7 +10,7 @@ import yaml
 
 from tests.support.tools import ROOT, require_tool
 
-TARGETS = ["base", "overlays/dev", "overlays/production", "overlays/local"]
+TARGETS = ["base", "overlays/dev", "overlays/production", "overlays/local", "overlays/upstream-tls"]
 
 
 def kubectl() -> str:
