@@ -115,14 +115,20 @@ async def test_mtls_without_client_certificate_is_refused(
     transport: str, ca: trustme.CA, clients: trustme.CA, tmp_path: Path, no_error_logs: None
 ) -> None:
     """The upstream requires a client certificate: without one, its refusal is a TLS
-    certificate error, not a reset."""
-    upstream = TlsUpstream(server_context(ca.issue_cert("127.0.0.1"), clients=clients))
+    failure, not a reset. TLS 1.2, where the refusal is part of the handshake (with 1.3 it
+    comes after, and can lose the race to a reset: README, *Upstream TLS*); OpenSSL's alert
+    for a missing certificate there is handshake_failure, which names no certificate."""
+    upstream = TlsUpstream(
+        server_context(
+            ca.issue_cert("127.0.0.1"), clients=clients, max_version=ssl.TLSVersion.TLSv1_2
+        )
+    )
     ca_file = write(tmp_path / "ca.pem", ca.cert_pem.bytes())
     async with upstream.running(), AsyncExitStack() as stack:
         relay = await start(stack, upstream.url, transport, ca_file=ca_file)
         status, _, proxy_status = await get(relay)
         assert status == 502
-        assert proxy_status == 'relay; error=tls_certificate_error; next-hop="up"'
+        assert proxy_status == 'relay; error=tls_protocol_error; next-hop="up"'
         assert await tls_errors(relay) == 1
         assert upstream.peers == []
 

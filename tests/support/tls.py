@@ -19,10 +19,17 @@ import trustme
 from tests.support.loopback import parse_head
 
 
-def server_context(cert: trustme.LeafCert, *, clients: trustme.CA | None = None) -> ssl.SSLContext:
+def server_context(
+    cert: trustme.LeafCert,
+    *,
+    clients: trustme.CA | None = None,
+    max_version: ssl.TLSVersion | None = None,
+) -> ssl.SSLContext:
     """A server context presenting ``cert``; with ``clients``, requiring a client certificate
     issued by that CA (mTLS)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if max_version is not None:
+        context.maximum_version = max_version
     cert.configure_cert(context)
     if clients is not None:
         clients.configure_trust(context)
@@ -95,10 +102,27 @@ class TlsUpstream:
                     b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                     % (len(body), body)
                 )
-        except OSError:  # ssl.SSLError included: a refused handshake, already answered
+        except ssl.SSLError:
+            # A refused handshake, its alert already sent. With TLS 1.3 the client may have
+            # sent its request by then: closing with it unread would reset the connection,
+            # and a reset can destroy the alert before the client reads it. Linger instead,
+            # as real servers do, so the client sees why.
+            _linger(sock)
+        except OSError:
             pass
         finally:
             sock.close()
+
+
+def _linger(sock: socket.socket, seconds: float = 1.0) -> None:
+    """Half-close, then read and drop what the peer still sends until it closes."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(seconds)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
 
 
 def common_name(peercert: Any) -> str | None:
