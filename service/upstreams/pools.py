@@ -374,6 +374,10 @@ class UpstreamSet:
     async def open(self) -> None:
         for upstream in self._upstreams.values():
             await upstream.client.__aenter__()
+        if any(u.config.transport == "aiohttp" for u in self._upstreams.values()):
+            # The resolver holds descriptors and a thread of its own (c-ares): made at start,
+            # so that the first request does not change what a process at rest holds.
+            self.resolver.get()
 
     async def close(self) -> None:
         for upstream in self._upstreams.values():
