@@ -241,8 +241,9 @@ class SharedResolver:
 
     aiohttp gives each connector a resolver of its own, and registering one costs about
     50 µs: half a second of start-up with 10,000 upstreams, for nothing a request needs
-    (each connector still keeps its own DNS cache). Made on first use, in the loop that
-    uses it; closed by whoever made this, after the pools that share it.
+    (each connector still keeps its own DNS cache). Made by the first ``get()``, in the
+    loop that uses it (``UpstreamSet.open`` calls it at start: the resolver holds
+    descriptors and a thread); closed by whoever made this, after the pools that share it.
     """
 
     def __init__(self) -> None:

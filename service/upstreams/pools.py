@@ -375,9 +375,7 @@ class UpstreamSet:
         for upstream in self._upstreams.values():
             await upstream.client.__aenter__()
         if any(u.config.transport == "aiohttp" for u in self._upstreams.values()):
-            # The resolver holds descriptors and a thread of its own (c-ares): made at start,
-            # so that the first request does not change what a process at rest holds.
-            self.resolver.get()
+            self.resolver.get()  # at start: see SharedResolver
 
     async def close(self) -> None:
         for upstream in self._upstreams.values():
