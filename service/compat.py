@@ -1,6 +1,7 @@
 """The check behind the ``*_compat`` modules, the only places that touch private names of
-aiohttp (``upstreams/aiohttp_compat.py``), httpx and httpcore (``upstreams/httpcore_compat.py``)
-and uvicorn (``server/uvicorn_compat.py``).
+aiohttp (``upstreams/aiohttp_compat.py``), httpx and httpcore (``upstreams/httpcore_compat.py``),
+uvicorn (``server/uvicorn_compat.py``) and prometheus-client
+(``telemetry/prometheus_compat.py``).
 
 Each of those libraries is bounded above in pyproject.toml, below the next release that could
 rename what Relay relies on; the compat modules check every such name when they are imported,

@@ -1,5 +1,6 @@
-"""Canary: every private name of aiohttp, httpx/httpcore and uvicorn that Relay relies on
-exists on the installed versions, and pyproject.toml's bounds hold what constraints.txt pins.
+"""Canary: every private name of aiohttp, httpx/httpcore, uvicorn and prometheus-client that
+Relay relies on exists on the installed versions, and pyproject.toml's bounds hold what
+constraints.txt pins.
 
 An upgrade that renames one fails here, naming it, instead of silently switching a
 protection off (service/compat.py). Names set per instance are checked on real instances:
@@ -25,6 +26,7 @@ from uvicorn.server import ServerState
 
 from service.compat import IncompatibleLibrary, missing, require
 from service.server import uvicorn_compat
+from service.telemetry import prometheus_compat
 from service.upstreams import aiohttp_compat, httpcore_compat
 from service.upstreams.aiohttp_pool import AiohttpTransport
 from service.upstreams.httpcore_compat import h11_state_of, pool_connections
@@ -36,11 +38,11 @@ from tests.support.scripted import ScriptedUpstream, respond
 PLAIN = tls_context(TlsSettings(verify=False))
 
 ROOT = Path(__file__).resolve().parent.parent
-PINNED = ("aiohttp", "httpx", "httpcore", "uvicorn")
+PINNED = ("aiohttp", "httpx", "httpcore", "uvicorn", "prometheus-client")
 
 
 def test_every_private_name_read_from_a_class_exists() -> None:
-    for module in (aiohttp_compat, httpcore_compat, uvicorn_compat):
+    for module in (aiohttp_compat, httpcore_compat, uvicorn_compat, prometheus_compat):
         assert missing(module.CLASS_NAMES) == [], module.__name__
     assert "_retry_connection" in aiohttp.ClientSession.ATTRS
 
@@ -154,7 +156,7 @@ def test_bounds_hold_the_pinned_and_installed_versions() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     requirements = {Requirement(r).name: Requirement(r) for r in project["project"]["dependencies"]}
     pins = dict(
-        line.split("==", 1)
+        line.replace("_", "-").split("==", 1)
         for line in (ROOT / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     )

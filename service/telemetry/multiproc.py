@@ -31,13 +31,14 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import PlatformCollector, ProcessCollector, values
+from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
+from .merge import FileMerge
 from .pod import PodTable
+from .prometheus_compat import use_value_class
 
 RESTARTS = "relay_worker_restarts"
 RESTARTS_HELP = "Worker processes respawned after one died (always 0 with one worker)."
@@ -60,9 +61,7 @@ def _get_exemplar(self: Any) -> Exemplar | None:
 def use_files_of(identifier: str) -> None:
     """Back this process's metrics with the files named ``identifier`` and keep exemplars in
     memory. Call before the first metric is created."""
-    base = values.MultiProcessValue(lambda: identifier)  # type: ignore[no-untyped-call]
-    members = {"set_exemplar": _set_exemplar, "get_exemplar": _get_exemplar}
-    values.ValueClass = type("ExemplarMmapedValue", (base,), members)
+    use_value_class(identifier, {"set_exemplar": _set_exemplar, "get_exemplar": _get_exemplar})
 
 
 def _constant(pid: int) -> Callable[[], int]:
@@ -144,11 +143,12 @@ class PodScrape(Collector):
         self._path = path
         self._local = exemplars_of
         self._others = process_collectors(table)
+        self._merge = FileMerge()
 
     def collect(self) -> Iterable[Metric]:
         exemplars = _exemplars(self._local)
         files = glob.glob(os.path.join(self._path, "*.db"))
-        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+        merged = self._merge.merge(files)
         for metric in merged:
             if exemplars:
                 metric.samples = [
