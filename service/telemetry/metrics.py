@@ -36,6 +36,7 @@ from ..exchange import Exchange, ExchangeObserver, Phase, Side
 from ..upstreams.pools import PoolSnapshot
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
+from .prometheus_compat import legacy_names_as_is
 from .zeros import Exposition, ZeroSeries
 
 PREFIX = "relay"
@@ -404,5 +405,6 @@ class Metrics(ExchangeObserver):
         """Encode for the scraper: OpenMetrics (with exemplars) when it asks for it. In
         multiprocess mode this reads every worker's files: the admin app calls it in a thread."""
         encoder, content_type = choose_encoder(accept or "")
+        encoder = legacy_names_as_is(encoder)
         source: Collector = self._pod_scrape if self._pod_scrape is not None else self.registry
         return encoder(Exposition(source, self._zeros)), content_type
