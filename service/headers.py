@@ -49,6 +49,7 @@ CLAIMED_NAMES: frozenset[bytes] = frozenset(
 _READ_UPSTREAM: frozenset[bytes] = FORWARDED_NAMES | {b"host", b"via", b"content-length"}
 
 TrustedNetworks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _connection_tokens(value: bytes) -> list[bytes]:
@@ -238,7 +239,9 @@ def forwarded_client(
     """The client a trusted peer forwarded the request for, as nginx's realip module finds
     it with ``real_ip_recursive on``: ``X-Forwarded-For`` read from the right, skipping the
     addresses of trusted proxies; the first other address is the client. An element that is
-    not an IP address ends the walk at the last address reached (the peer, at worst)."""
+    not an IP address ends the walk at the last address reached (the peer, at worst). An
+    element may carry a port, as some load balancers write it (``203.0.113.7:4711``,
+    ``[2001:db8::1]:4711``); the port is dropped."""
     elements = [
         element.strip()
         for name, value in headers
@@ -247,14 +250,31 @@ def forwarded_client(
     ]
     client = peer
     for element in reversed(elements):
-        try:
-            address = ipaddress.ip_address(element.decode("latin-1"))
-        except ValueError:
+        address = _forwarded_address(element.decode("latin-1"))
+        if address is None:
             break
         client = str(address)
         if not any(address in network for network in trusted):
             break
     return client
+
+
+def _forwarded_address(element: str) -> IPAddress | None:
+    """The address of one ``X-Forwarded-For`` element, without a port; None if it is none."""
+    if element.startswith("["):
+        host, bracket, rest = element[1:].partition("]")
+        if not bracket or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+            return None
+        element = host
+    elif element.count(":") == 1:
+        host, _, port = element.partition(":")
+        if not port.isdigit():
+            return None
+        element = host
+    try:
+        return ipaddress.ip_address(element)
+    except ValueError:
+        return None
 
 
 def has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:

@@ -127,6 +127,12 @@ NETS = [ipaddress.ip_network(LOOPBACK), ipaddress.ip_network("10.0.0.0/8")]
         (["unknown, 10.1.2.3"], "10.1.2.3"),  # not an address: the last one reached
         (["198.51.100.9, garbage"], "127.0.0.1"),
         (["2001:DB8::1"], "2001:db8::1"),
+        (["198.51.100.9:4711, 10.1.2.3:80"], "198.51.100.9"),  # ports, as some balancers add
+        (["[2001:db8::7]:4711"], "2001:db8::7"),
+        (["[2001:db8::7]"], "2001:db8::7"),
+        (["198.51.100.9, 10.1.2.3:http"], "127.0.0.1"),  # not a port: not an address
+        (["[2001:db8::7]:x"], "127.0.0.1"),
+        (["[2001:db8::7"], "127.0.0.1"),
     ],
 )
 def test_the_forwarded_client_is_the_first_untrusted_address_from_the_right(
