@@ -194,6 +194,10 @@ class ServerConfig(_Strict):
     # Relay that closes a connection the balancer is about to reuse. Each idle connection
     # holds a descriptor and some 10 KB (README, *At platform size*).
     keepalive_timeout_seconds: Seconds = 75.0
+    # From a request's first byte, how long its head (request line and header fields) may
+    # take to arrive: beyond, 408 and the connection closes (nginx's client_header_timeout).
+    # A new connection that sends nothing is closed after keepalive_timeout_seconds.
+    request_head_timeout_seconds: Seconds | None = 60.0
     # "module:function", called with the proxy's FastAPI app before it starts, in every
     # worker: routes and middleware of your own (README, *Extending the app*).
     app_hook: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None

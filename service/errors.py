@@ -33,6 +33,7 @@ class Reason(StrEnum):
     INTERNAL = "internal"
     SHUTDOWN = "shutdown"
     OVERLOADED = "overloaded"
+    REQUEST_TIMEOUT = "request_timeout"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ FAILURES: dict[Reason, Failure] = {
     Reason.BODY_TOO_LARGE: Failure(
         413, "http_request_denied", "request body exceeds limits.max_body_bytes"
     ),
+    Reason.REQUEST_TIMEOUT: Failure(
+        408, "http_request_error", "request head not received within the time allowed"
+    ),
     Reason.INTERNAL: Failure(502, "proxy_internal_error", "proxy internal error"),
     # Still in flight when the drain's grace period ran out (or a second stop signal came).
     Reason.SHUTDOWN: Failure(
@@ -87,6 +91,7 @@ CLIENT_REASONS: frozenset[Reason] = frozenset(
         Reason.URI_TOO_LONG,
         Reason.HEADERS_TOO_LARGE,
         Reason.BODY_TOO_LARGE,
+        Reason.REQUEST_TIMEOUT,
     }
 )
 

@@ -694,3 +694,54 @@ async def test_admin_paths_on_the_proxy_port_without_a_route_are_404(
     assert headers["proxy-status"] == "relay; error=destination_not_found"
     assert b"relay_requests_total" not in body
     assert upstream.connections == []
+
+
+# -- connections between requests -----------------------------------------------------------
+
+
+async def test_a_head_that_stops_arriving_is_answered_408_and_closed() -> None:
+    """Slowloris: part of a head, then nothing. Answered once the head timeout has passed
+    since its first byte, even though bytes kept trickling in; counted, never forwarded."""
+    async with proxy(server={"request_head_timeout_seconds": 0.5}) as (running, upstream):
+        reader, writer = await connect(running.url)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        for _ in range(3):  # a trickle keeps no head alive past its deadline
+            await asyncio.sleep(0.1)
+            writer.write(b"x-slow: 1\r\n")
+        response = await asyncio.wait_for(read_response(reader), 10)
+        assert loop.time() - started >= 0.5
+        assert response is not None
+        status, headers, _ = response
+        assert status == 408
+        assert headers["connection"] == "close"
+        assert headers["proxy-status"].startswith("relay; error=http_request_error")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+        writer.close()
+        assert upstream.requests == []
+        assert await metric(running, "relay_requests_total", upstream="-", code="408") == 1
+
+
+async def test_a_head_within_the_timeout_on_a_kept_alive_connection_is_served() -> None:
+    """The deadline runs from each request's first byte, not from the connection's start."""
+    async with proxy(server={"request_head_timeout_seconds": 0.6}) as (running, upstream):
+        reader, writer = await connect(running.url)
+        for _ in range(3):
+            writer.write(b"GET / HTTP/1.1\r\n")
+            await asyncio.sleep(0.3)
+            writer.write(b"Host: t\r\n\r\n")
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response is not None and response[0] == 200
+        writer.close()
+        assert len(upstream.requests) == 3
+
+
+async def test_a_new_connection_that_sends_nothing_is_closed_after_the_idle_timeout() -> None:
+    async with proxy(server={"keepalive_timeout_seconds": 0.3}) as (running, _):
+        reader, writer = await connect(running.url)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing written
+        writer.close()
+        # A connection that did send its request in time is served as ever.
+        responses = await exchange(running.url, head("GET / HTTP/1.1", HOST))
+        assert responses[0][0] == 200

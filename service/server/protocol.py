@@ -3,7 +3,8 @@
 Its parts, each a mixin of ``RelayProtocol``: the drain-safe close of fresh connections
 (below), coalesced response writes (coalesce.py), and the parse-time guard with its limits,
 hostile-input checks and the proxy's own answer to requests over
-``server.limit_concurrency`` (guard.py).
+``server.limit_concurrency`` (guard.py), and the time limits on connections between
+requests (head_timeout.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from ..app import Relay
 from ..config import Settings
 from ..request_ids import RequestIds
 from .coalesce import CoalescedWrites
-from .guard import Guard, stall_budget_for
+from .guard import stall_budget_for
+from .head_timeout import HeadTimeout
 from .uvicorn_compat import UvicornProtocol
 
 # How long a connection accepted just before the listener closed may take to send its
@@ -50,7 +52,7 @@ class DrainSafe(UvicornProtocol):
             self.transport.close()
 
 
-class RelayProtocol(DrainSafe, CoalescedWrites, Guard):
+class RelayProtocol(DrainSafe, CoalescedWrites, HeadTimeout):
     """One client connection of the proxy listener."""
 
     @classmethod
@@ -65,5 +67,6 @@ class RelayProtocol(DrainSafe, CoalescedWrites, Guard):
             "stall_budget": stall_budget_for(settings.limits),
             "trusted": settings.server.trusted_proxies,
             "request_ids": RequestIds.of(settings.request_id),
+            "head_timeout": settings.server.request_head_timeout_seconds,
         }
         return type(cls.__name__, (cls,), attributes)
