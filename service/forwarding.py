@@ -31,6 +31,7 @@ from .headers import (
     upstream_request_headers,
 )
 from .request_ids import RequestIds
+from .route_policy import HeaderEdits, RoutePolicy
 from .routing import rewrite_path
 from .upstreams.pools import Body, Upstream
 
@@ -140,9 +141,12 @@ class ProxyHop:
         reason: Reason,
         upstream: str | None,
         error: str | None = None,
+        edits: HeaderEdits | None = None,
     ) -> None:
         """Answer with the proxy's own error for ``reason`` (nothing sent yet); ``error``:
-        the Proxy-Status error type when not the reason's own."""
+        the Proxy-Status error type when not the reason's own; ``edits``: the route's
+        response header policy, which the proxy's own answers get too (as Envoy's local
+        replies get response_headers_to_add)."""
         response = error_response(
             reason,
             server_name=self.server_name,
@@ -151,11 +155,10 @@ class ProxyHop:
             request_id=self.request_id_field(exchange),
             error=error,
         )
+        headers = response.headers if edits is None else edits.apply(response.headers)
         exchange.fail(reason)
         self.observer.failing(exchange)
-        await send(
-            {"type": "http.response.start", "status": response.status, "headers": response.headers}
-        )
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         exchange.response_started = True
         exchange.response_complete = True
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
@@ -173,6 +176,7 @@ class Forwarding:
         exchange: Exchange,
         route: RouteConfig,
         upstream: Upstream,
+        policy: RoutePolicy | None = None,
     ) -> None:
         self.hop = hop
         self.scope = scope
@@ -182,6 +186,7 @@ class Forwarding:
         self.upstream = upstream
         self.channel = ClientChannel(receive, exchange, hop.max_body)
         self.request_id = hop.request_id_field(exchange)  # the field, both ways
+        self.policy = policy
 
     async def run(self) -> None:
         """Forward while a watcher task waits for the client to hang up.
@@ -201,10 +206,12 @@ class Forwarding:
             task.cancel()
 
         watcher = asyncio.create_task(self.channel.watch(client_gone))
+        policy = self.policy
         try:
-            response = await self.send_upstream()
-            if response is not None:
-                await self.stream_back(response)
+            if policy is None or policy.total is None:
+                await self._exchange()
+            else:
+                await self._bounded(policy.total)
         except asyncio.CancelledError:
             if not cancelled_by_watcher or task.uncancel() > 0:
                 raise
@@ -213,6 +220,30 @@ class Forwarding:
         exchange = self.exchange
         if exchange.disconnect_side is Side.CLIENT and exchange.status is None:
             exchange.status = CLIENT_CLOSED_REQUEST
+
+    async def _exchange(self) -> None:
+        response = await self.send_upstream()
+        if response is not None:
+            await self.stream_back(response)
+
+    async def _bounded(self, total: float) -> None:
+        """The exchange within the route's total timeout. Running out cancels it where it
+        is waiting, as a client hanging up does (the upstream response is closed in
+        ``stream_back``'s ``finally``, the gate slot returned), then answers 504 if the
+        response had not started, or cuts it if it had."""
+        try:
+            async with asyncio.timeout(total) as bound:
+                await self._exchange()
+        except TimeoutError:
+            if not bound.expired():
+                raise
+            exchange = self.exchange
+            if not exchange.response_started:
+                await self.fail(Reason.TOTAL_TIMEOUT)
+            elif not exchange.response_complete:
+                # Returning without the final body message drops the connection: a
+                # truncated response, never a complete-looking one.
+                exchange.reason = Reason.TOTAL_TIMEOUT
 
     def _request(self) -> httpx.Request:
         scope, upstream, exchange = self.scope, self.upstream, self.exchange
@@ -232,6 +263,7 @@ class Forwarding:
             via_name=self.hop.via,
             trusted=self.hop.trusted,
             request_id=self.request_id,
+            edits=self.policy.request_headers if self.policy is not None else None,
         )
         raw_path = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
@@ -243,7 +275,8 @@ class Forwarding:
             body = Body(self.channel.body())
         else:
             self.channel.no_body()
-        return upstream.request(scope["method"], target, out_headers, body)
+        timeouts = self.policy.timeouts if self.policy is not None else None
+        return upstream.request(scope["method"], target, out_headers, body, timeouts)
 
     async def send_upstream(self) -> httpx.Response | None:
         """The upstream's response, or None when the exchange ended before it: the client
@@ -284,6 +317,7 @@ class Forwarding:
                 via_name=self.hop.via,
                 status=response.status_code,
                 request_id=self.request_id,
+                edits=self.response_edits,
             )
             await self.send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
@@ -307,9 +341,15 @@ class Forwarding:
         finally:
             await response.aclose()
 
+    @property
+    def response_edits(self) -> HeaderEdits | None:
+        return self.policy.response_headers if self.policy is not None else None
+
     async def fail(self, reason: Reason, error: str | None = None) -> None:
         """Answer with the proxy's own error for ``reason``, naming the upstream."""
-        await self.hop.send_error(self.send, self.exchange, reason, self.upstream.name, error)
+        await self.hop.send_error(
+            self.send, self.exchange, reason, self.upstream.name, error, self.response_edits
+        )
 
     def _failed(self, exc: BaseException) -> Reason:
         reason = classify(exc)

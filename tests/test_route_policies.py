@@ -4,6 +4,7 @@ and its header policies set and remove fields both ways; bad policies are refuse
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -14,7 +15,22 @@ import httpx
 import pytest
 import yaml
 
-from service.config import ConfigError, load_settings
+from service.config import ConfigError, HeaderPolicy, RouteConfig, load_settings
+from service.headers import RequestContext, downstream_response_headers, upstream_request_headers
+from service.route_policy import HeaderEdits, RoutePolicies, RoutePolicy
+from tests.support.http import http_client
+from tests.support.metrics import exposition_async
+from tests.support.net import closed_port, eventually
+from tests.support.recording import RecordingUpstream
+from tests.support.relays import pool_settled, run_relay
+from tests.support.scripted import (
+    ScriptedUpstream,
+    delayed,
+    endless_stream,
+    hang,
+    respond,
+    send_raw,
+)
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -58,6 +74,213 @@ async def timed_get(client: httpx.AsyncClient, url: str) -> tuple[httpx.Response
 def assert_proxy_error(response: httpx.Response, status: int, error: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["proxy-status"] == f'relay; error={error}; next-hop="up"'
+
+
+# Timeouts
+
+
+async def test_a_routes_read_timeout_replaces_its_upstreams(transport: str) -> None:
+    """The same slow upstream: 504 through the route with a short read timeout, 200 through
+    the route that keeps the upstream's."""
+    upstream = ScriptedUpstream({"/slow": delayed(0.4, respond(200, b"late"))})
+    routes = [
+        {"prefix": "/strict", "strip_prefix": True, "timeouts": {"read": 0.1}},
+        {"prefix": "/"},
+    ]
+    async with (
+        upstream.running(),
+        run_relay(policy_config(upstream.url, routes, transport)) as relay,
+        http_client(timeout=10) as client,
+    ):
+        strict, elapsed = await timed_get(client, f"{relay.url}/strict/slow")
+        relaxed = await client.get(f"{relay.url}/slow")
+        await eventually(lambda: pool_settled(relay))
+    assert_proxy_error(strict, 504, "connection_read_timeout")
+    assert 0.05 < elapsed < PROMPT
+    assert (relaxed.status_code, relaxed.content) == (200, b"late")
+
+
+async def test_a_routes_pool_timeout_replaces_its_upstreams() -> None:
+    """One connection, held: the route with a short pool timeout gets its 503 at once while
+    the upstream's own (5 s) would still be waiting."""
+    upstream = ScriptedUpstream({"/held": hang, "/x": respond(200, b"ok")})
+    routes = [
+        {"prefix": "/quick", "strip_prefix": True, "timeouts": {"pool": 0.1}},
+        {"prefix": "/"},
+    ]
+    pool, slow = {"max_connections": 1}, {"read": 5, "pool": 5}
+    async with (
+        upstream.running(),
+        run_relay(policy_config(upstream.url, routes, pool=pool, timeouts=slow)) as relay,
+        http_client(timeout=10) as client,
+    ):
+        holder = asyncio.create_task(client.get(f"{relay.url}/held"))
+        await eventually(lambda: relay.relay.upstreams()["up"].snapshot().in_use == 1)
+        refused, elapsed = await timed_get(client, f"{relay.url}/quick/x")
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+        await eventually(lambda: pool_settled(relay))
+    assert_proxy_error(refused, 503, "connection_limit_reached")
+    assert elapsed < 4  # far below the upstream's own 5 s
+
+
+async def test_total_timeout_before_the_headers_is_504(transport: str, access: Records) -> None:
+    """An upstream slower than the route's total (but within every other timeout): 504 with
+    Proxy-Status http_response_timeout, counted and logged as total_timeout; a quick answer
+    on the same route is untouched."""
+    upstream = ScriptedUpstream(
+        {"/slow": hang, "/quick": respond(200, b"ok")}
+    )
+    routes = [{"prefix": "/", "timeouts": {"total": 0.3}}]
+    async with (
+        upstream.running(),
+        run_relay(policy_config(upstream.url, routes, transport)) as relay,
+        http_client(timeout=10) as client,
+    ):
+        quick = await client.get(f"{relay.url}/quick")
+        slow, elapsed = await timed_get(client, f"{relay.url}/slow")
+        await eventually(lambda: pool_settled(relay))
+        metrics = await exposition_async(relay.admin_url)
+        # The cancelled exchange's connection was closed, never handed to another request.
+        await eventually(lambda: upstream.closed_connections >= 1)
+    assert (quick.status_code, quick.content) == (200, b"ok")
+    assert_proxy_error(slow, 504, "http_response_timeout")
+    assert 0.25 < elapsed < PROMPT
+    assert total_timeouts(metrics) == 1
+    line = access()[-1].__dict__
+    assert (line["path"], line["status"], line["outcome"]) == ("/slow", 504, "total_timeout")
+
+
+async def test_total_timeout_cuts_a_slow_stream(transport: str, access: Records) -> None:
+    """A stream whose every chunk comes within the read timeout but which outlasts the
+    route's total: the client gets the head and part of the body, then the connection drops
+    (never a complete-looking response); counted and logged, the upstream connection closed
+    and the pool back to idle."""
+    upstream = ScriptedUpstream({"/stream": endless_stream})
+    routes = [{"prefix": "/", "timeouts": {"total": 0.4}}]
+    received = 0
+    async with (
+        upstream.running(),
+        run_relay(policy_config(upstream.url, routes, transport)) as relay,
+        http_client(timeout=10) as client,
+    ):
+        started = time.monotonic()
+        async with client.stream("GET", f"{relay.url}/stream") as response:
+            assert response.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                async for chunk in response.aiter_raw():
+                    received += len(chunk)
+        elapsed = time.monotonic() - started
+        await eventually(lambda: pool_settled(relay))
+        await eventually(lambda: upstream.closed_connections == 1)
+        metrics = await exposition_async(relay.admin_url)
+    assert 0.35 < elapsed < PROMPT
+    assert received > 0
+    assert total_timeouts(metrics) == 1
+    line = access()[-1].__dict__
+    assert (line["status"], line["outcome"], line["reason"]) == (
+        200,
+        "total_timeout",
+        "total_timeout",
+    )
+    assert line["response_bytes"] > 0
+
+
+# Header policies
+
+
+async def test_request_header_policy_sets_and_removes_what_goes_upstream() -> None:
+    """Names match case-insensitively; set replaces every field of its name, remove drops
+    every one; a route without a policy forwards them all."""
+    routes = [
+        {
+            "prefix": "/api",
+            "request_headers": {"set": {"X-Env": "prod"}, "remove": ["X-DEBUG"]},
+        },
+        {"prefix": "/"},
+    ]
+    sent = [
+        ("X-Env", "dev"),
+        ("x-env", "stage"),
+        ("x-debug", "1"),
+        ("X-Debug", "2"),
+        ("X-Keep", "k"),
+    ]
+    async with (
+        RecordingUpstream().running() as upstream,
+        run_relay(policy_config(upstream.url, routes)) as relay,
+        http_client(timeout=10) as client,
+    ):
+        for path in ("/api/a", "/other"):
+            response = await client.get(f"{relay.url}{path}", headers=sent)
+            assert response.status_code == 200
+    with_policy, without = upstream.requests
+    assert with_policy.header(b"x-env") == [b"prod"]
+    assert with_policy.header(b"x-debug") == []
+    assert with_policy.header(b"x-keep") == [b"k"]
+    assert with_policy.header(b"host") and with_policy.header(b"x-forwarded-for")
+    assert without.header(b"x-env") == [b"dev", b"stage"]
+    assert without.header(b"x-debug") == [b"1", b"2"]
+
+
+UPSTREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nServer: upstream/1.0\r\n"
+    b"x-powered-by: a\r\nX-Powered-By: b\r\nStrict-Transport-Security: max-age=1\r\n"
+    b"strict-transport-security: max-age=2\r\nX-Keep: k\r\n\r\nok"
+)
+HSTS = "max-age=63072000; includeSubDomains"
+
+
+async def test_response_header_policy_sets_and_removes_what_goes_to_the_client() -> None:
+    routes = [
+        {
+            "prefix": "/web",
+            "response_headers": {
+                "set": {"strict-transport-security": HSTS},
+                "remove": ["server", "X-POWERED-BY"],
+            },
+        },
+        {"prefix": "/"},
+    ]
+    upstream = ScriptedUpstream({"/web": send_raw(UPSTREAM_HEAD, close=False)})
+    upstream.handlers["/"] = upstream.handlers["/web"]
+    async with (
+        upstream.running(),
+        run_relay(policy_config(upstream.url, routes)) as relay,
+        http_client(timeout=10) as client,
+    ):
+        edited = await client.get(f"{relay.url}/web")
+        untouched = await client.get(f"{relay.url}/")
+    assert (edited.status_code, edited.content) == (200, b"ok")
+    assert edited.headers.get_list("strict-transport-security") == [HSTS]
+    assert "server" not in edited.headers and "x-powered-by" not in edited.headers
+    assert edited.headers["x-keep"] == "k" and "via" in edited.headers
+    assert untouched.headers.get_list("strict-transport-security") == ["max-age=1", "max-age=2"]
+    assert untouched.headers.get_list("x-powered-by") == ["a", "b"]
+    assert untouched.headers["server"] == "upstream/1.0"
+
+
+async def test_the_proxys_own_answers_on_a_route_get_its_response_policy() -> None:
+    """As Envoy's local replies get response_headers_to_add: a 502 for an upstream that
+    refuses connections carries the route's fields too; an unrouted 404 has no route."""
+    routes = [
+        {
+            "prefix": "/api",
+            "response_headers": {
+                "set": {"Strict-Transport-Security": HSTS},
+                "remove": ["Cache-Control"],
+            },
+        }
+    ]
+    config = policy_config(f"http://127.0.0.1:{closed_port()}", routes)
+    async with run_relay(config) as relay, http_client(timeout=10) as client:
+        failed = await client.get(f"{relay.url}/api")
+        unrouted = await client.get(f"{relay.url}/nothing")
+    assert_proxy_error(failed, 502, "connection_refused")
+    assert failed.headers.get_list("strict-transport-security") == [HSTS]
+    assert "cache-control" not in failed.headers
+    assert unrouted.status_code == 404
+    assert "strict-transport-security" not in unrouted.headers
 
 
 # Config: refused at load, one line naming the field
@@ -173,3 +396,44 @@ def test_the_configured_request_id_field_is_the_one_refused(tmp_path: Path) -> N
         {"request_headers": {"remove": ["X-Request-Id"]}},
         request_id={"header": "x-trace-id"},
     )
+
+
+def test_policies_compile_once_and_routes_without_them_have_none(tmp_path: Path) -> None:
+    settings = load(tmp_path, {"timeouts": {"read": 2, "connect": None}})
+    route = settings.routes[0]
+    policy = RoutePolicy.of(route, settings.upstreams["api"])
+    assert policy is not None and policy.total is None
+    # The upstream's (defaults) with the route's two: null disables one for this route.
+    assert policy.timeouts == {"connect": None, "read": 2.0, "write": 30.0, "pool": 5.0}
+    bare = RouteConfig(prefix="/", upstream="api")
+    assert RoutePolicy.of(bare, settings.upstreams["api"]) is None
+    only_total = RouteConfig(prefix="/", upstream="api", timeouts={"total": 3})  # type: ignore[arg-type]
+    compiled = RoutePolicy.of(only_total, settings.upstreams["api"])
+    assert compiled is not None and (compiled.timeouts, compiled.total) == (None, 3.0)
+    empty = RouteConfig(prefix="/", upstream="api", request_headers={})  # type: ignore[arg-type]
+    assert RoutePolicy.of(empty, settings.upstreams["api"]) is None
+    assert RoutePolicies([bare], settings.upstreams).get(bare) is None
+
+
+def test_header_edits_leave_the_proxys_own_fields_alone() -> None:
+    """Unit check of the compiled edits on both header builders."""
+    edits = HeaderEdits.of(
+        HeaderPolicy.model_validate({"set": {"X-Env": "prod"}, "remove": ["X-Debug"]})
+    )
+    assert edits is not None
+    ctx = RequestContext(peer="10.0.0.1", scheme="http", http_version="1.1", host=b"a")
+    raw = [(b"X-Env", b"dev"), (b"X-DEBUG", b"1"), (b"accept", b"*/*")]
+    out = upstream_request_headers(
+        raw,
+        ctx,
+        upstream_authority=b"up",
+        preserve_host=False,
+        via_name=b"relay",
+        trusted=[],
+        edits=edits,
+    )
+    names = [n for n, _ in out]
+    assert (b"x-env", b"prod") in out and b"x-debug" not in names and names.count(b"x-env") == 1
+    assert {b"host", b"via", b"x-forwarded-for", b"accept"} <= set(names)
+    down = downstream_response_headers(raw, http_version="1.1", via_name=b"relay", edits=edits)
+    assert [n for n, _ in down] == [b"accept", b"via", b"x-env"]
