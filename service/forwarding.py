@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import httpx
 from starlette.types import Receive, Scope, Send
@@ -42,6 +43,13 @@ log = logging.getLogger("relay.proxy")
 UPSTREAM_ERRORS = (httpx.HTTPError, ssl.SSLError)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
+
+
+class _Cut(Enum):
+    """What cancelled a forwarding task on purpose."""
+
+    CLIENT_GONE = 1
+    OUT_OF_TIME = 2  # the route's timeouts.total
 
 
 class ClientDisconnected(Exception):
@@ -189,61 +197,61 @@ class Forwarding:
         self.policy = policy
 
     async def run(self) -> None:
-        """Forward while a watcher task waits for the client to hang up.
+        """Forward while a watcher task waits for the client to hang up and, when the
+        route has ``timeouts.total``, a timer runs out.
 
-        When it does, the watcher cancels this task; that cancellation ends the exchange
-        here and goes no further. The watcher can only fire while this task is suspended
-        inside ``send_upstream`` or ``stream_back`` (there is no await between the end of
-        the second and the watcher's).
+        Either one cancels this task, whichever comes first (and only it: ``uncancel``
+        below takes back exactly one cancellation); that cancellation ends the exchange
+        here and goes no further. Both can only fire while this task is suspended inside
+        ``send_upstream`` or ``stream_back`` (there is no await between the end of the
+        second and the ``finally`` that stops them). The upstream response is closed in
+        ``stream_back``'s ``finally`` either way, and its gate slot returned.
         """
         task = asyncio.current_task()
         assert task is not None
-        cancelled_by_watcher = False
+        cut: _Cut | None = None
 
-        def client_gone() -> None:
-            nonlocal cancelled_by_watcher
-            cancelled_by_watcher = True
-            task.cancel()
+        def cancel(by: _Cut = _Cut.CLIENT_GONE) -> None:
+            nonlocal cut
+            if cut is None:
+                cut = by
+                task.cancel()
 
-        watcher = asyncio.create_task(self.channel.watch(client_gone))
+        watcher = asyncio.create_task(self.channel.watch(cancel))
         policy = self.policy
+        # A timer rather than asyncio.timeout: a third of its cost, and the cancellation
+        # is this method's to take back already.
+        deadline = (
+            None
+            if policy is None or policy.total is None
+            else asyncio.get_running_loop().call_later(policy.total, cancel, _Cut.OUT_OF_TIME)
+        )
         try:
-            if policy is None or policy.total is None:
-                await self._exchange()
-            else:
-                await self._bounded(policy.total)
+            response = await self.send_upstream()
+            if response is not None:
+                await self.stream_back(response)
         except asyncio.CancelledError:
-            if not cancelled_by_watcher or task.uncancel() > 0:
+            if cut is None or task.uncancel() > 0:
                 raise
+            if cut is _Cut.OUT_OF_TIME:
+                await self._out_of_time()
         finally:
             watcher.cancel()
+            if deadline is not None:
+                deadline.cancel()
         exchange = self.exchange
         if exchange.disconnect_side is Side.CLIENT and exchange.status is None:
             exchange.status = CLIENT_CLOSED_REQUEST
 
-    async def _exchange(self) -> None:
-        response = await self.send_upstream()
-        if response is not None:
-            await self.stream_back(response)
-
-    async def _bounded(self, total: float) -> None:
-        """The exchange within the route's total timeout. Running out cancels it where it
-        is waiting, as a client hanging up does (the upstream response is closed in
-        ``stream_back``'s ``finally``, the gate slot returned), then answers 504 if the
-        response had not started, or cuts it if it had."""
-        try:
-            async with asyncio.timeout(total) as bound:
-                await self._exchange()
-        except TimeoutError:
-            if not bound.expired():
-                raise
-            exchange = self.exchange
-            if not exchange.response_started:
-                await self.fail(Reason.TOTAL_TIMEOUT)
-            elif not exchange.response_complete:
-                # Returning without the final body message drops the connection: a
-                # truncated response, never a complete-looking one.
-                exchange.reason = Reason.TOTAL_TIMEOUT
+    async def _out_of_time(self) -> None:
+        """The route's total timeout ran out: 504 if the response had not started, else it
+        is cut (returning without the final body message drops the connection: a truncated
+        response, never a complete-looking one)."""
+        exchange = self.exchange
+        if not exchange.response_started:
+            await self.fail(Reason.TOTAL_TIMEOUT)
+        elif not exchange.response_complete:
+            exchange.reason = exchange.reason or Reason.TOTAL_TIMEOUT
 
     def _request(self) -> httpx.Request:
         scope, upstream, exchange = self.scope, self.upstream, self.exchange

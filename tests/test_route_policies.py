@@ -19,7 +19,7 @@ from service.config import ConfigError, HeaderPolicy, RouteConfig, load_settings
 from service.headers import RequestContext, downstream_response_headers, upstream_request_headers
 from service.route_policy import HeaderEdits, RoutePolicies, RoutePolicy
 from tests.support.http import http_client
-from tests.support.metrics import exposition_async
+from tests.support.metrics import exposition_async, samples, value
 from tests.support.net import closed_port, eventually
 from tests.support.recording import RecordingUpstream
 from tests.support.relays import pool_settled, run_relay
@@ -60,9 +60,7 @@ def access(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def total_timeouts(metrics: str) -> float:
-    prefix = 'relay_upstream_errors_total{reason="total_timeout",upstream="up"} '
-    (line,) = [line for line in metrics.splitlines() if line.startswith(prefix)]
-    return float(line.removeprefix(prefix))
+    return value(samples(metrics), "relay_upstream_errors_total", reason="total_timeout")
 
 
 async def timed_get(client: httpx.AsyncClient, url: str) -> tuple[httpx.Response, float]:
@@ -128,9 +126,7 @@ async def test_total_timeout_before_the_headers_is_504(transport: str, access: R
     """An upstream slower than the route's total (but within every other timeout): 504 with
     Proxy-Status http_response_timeout, counted and logged as total_timeout; a quick answer
     on the same route is untouched."""
-    upstream = ScriptedUpstream(
-        {"/slow": hang, "/quick": respond(200, b"ok")}
-    )
+    upstream = ScriptedUpstream({"/slow": hang, "/quick": respond(200, b"ok")})
     routes = [{"prefix": "/", "timeouts": {"total": 0.3}}]
     async with (
         upstream.running(),
@@ -177,6 +173,7 @@ async def test_total_timeout_cuts_a_slow_stream(transport: str, access: Records)
     assert 0.35 < elapsed < PROMPT
     assert received > 0
     assert total_timeouts(metrics) == 1
+    assert value(samples(metrics), "relay_responses_truncated_total", upstream="up") == 1
     line = access()[-1].__dict__
     assert (line["status"], line["outcome"], line["reason"]) == (
         200,
