@@ -14,10 +14,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from opentelemetry.trace import SpanKind, StatusCode
 
 from service.config import ConfigError, HeaderPolicy, RouteConfig, load_settings
 from service.headers import RequestContext, downstream_response_headers, upstream_request_headers
 from service.route_policy import HeaderEdits, RoutePolicies, RoutePolicy
+from service.telemetry.tracing import Instrumentation
 from tests.support.http import http_client
 from tests.support.metrics import exposition_async, samples, value
 from tests.support.net import closed_port, eventually
@@ -31,6 +33,7 @@ from tests.support.scripted import (
     respond,
     send_raw,
 )
+from tests.support.tracing import in_memory
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -181,6 +184,26 @@ async def test_total_timeout_cuts_a_slow_stream(transport: str, access: Records)
         "total_timeout",
     )
     assert line["response_bytes"] > 0
+
+
+@pytest.mark.parametrize("mode", ["stock", "native"])
+async def test_a_total_timeout_is_on_the_server_span(mode: Instrumentation) -> None:
+    upstream = ScriptedUpstream({"/hang": hang})
+    tracing, exporter = in_memory(mode)
+    routes = [{"prefix": "/", "timeouts": {"total": 0.2}}]
+    async with (
+        upstream.running(),
+        run_relay(policy_config(upstream.url, routes), tracing=tracing) as relay,
+        http_client(timeout=10) as client,
+    ):
+        assert (await client.get(f"{relay.url}/hang")).status_code == 504
+        await eventually(
+            lambda: any(s.kind is SpanKind.SERVER for s in exporter.get_finished_spans())
+        )
+    (server,) = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert server.attributes is not None
+    assert server.attributes["relay.reason"] == "total_timeout"
+    assert server.status.status_code is StatusCode.ERROR
 
 
 # Header policies
