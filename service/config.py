@@ -327,28 +327,29 @@ RESERVED_HEADERS: frozenset[str] = frozenset(
     }
 )
 
-# Why a header policy may not set or remove each of RESERVED_HEADERS: the rules of
-# service.headers are not configurable.
+# Why a header policy may not set or remove a reserved field, by kind (the rules of
+# service.headers are not configurable).
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
 _HOP_BY_HOP = frozenset(
     {"connection", "proxy-connection", "keep-alive", "te", "trailer", "upgrade"}
-    | {"transfer-encoding", "proxy-authenticate", "proxy-authorization"}
+    | {"proxy-authenticate", "proxy-authorization"}
 )
-_FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
 _OWN = frozenset({"via", "proxy-status", "traceparent", "tracestate"})
 
 
 def reserved_why(name: str) -> str | None:
-    """Why no header policy may set or remove ``name`` (None: one may)."""
+    """Why no header policy may set or remove ``name``: one of RESERVED_HEADERS or any
+    ``X-Forwarded-*`` (None: a policy may)."""
     lower = name.lower()
+    if lower not in RESERVED_HEADERS and not lower.startswith("x-forwarded-"):
+        return None
     if lower in _FRAMING:
         return "the proxy writes Host and the message framing itself"
     if lower in _HOP_BY_HOP:
         return "a hop-by-hop field, never forwarded"
     if lower in _OWN:
         return "the proxy writes it itself (Via, Proxy-Status, the trace context)"
-    if lower in RESERVED_HEADERS or lower.startswith("x-forwarded-"):
-        return "a forwarding field, kept or dropped by server.trusted_proxies only"
-    return None
+    return "a forwarding field, kept or dropped by server.trusted_proxies only"
 
 
 class RequestIdConfig(_Strict):
