@@ -41,6 +41,7 @@ from tests.support.scripted import (
     send_raw,
 )
 from tests.support.tracing import in_memory
+from tests.support.wire import connect, parse_response_head
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -191,6 +192,38 @@ async def test_total_timeout_cuts_a_slow_stream(transport: str, access: Records)
         "total_timeout",
     )
     assert line["response_bytes"] > 0
+
+
+async def test_total_timeout_during_a_slow_upload_is_504(transport: str, access: Records) -> None:
+    """The bound covers sending the request body too: a client whose upload stalls past the
+    route's total gets its 504 while still connected, and the upstream connection is freed."""
+    upstream = ScriptedUpstream({"/upload": respond(200, b"got it")})
+    routes = [{"prefix": "/", "timeouts": {"total": 0.3}}]
+    async with (
+        upstream.running(),
+        run_relay(policy_config(upstream.url, routes, transport)) as relay,
+    ):
+        reader, writer = await connect(relay.url)
+        try:
+            started = time.monotonic()
+            writer.write(
+                b"POST /upload HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+                + b"64\r\n"
+                + b"x" * 100
+                + b"\r\n"
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), PROMPT)
+            elapsed = time.monotonic() - started
+        finally:
+            writer.close()
+        await eventually(lambda: pool_settled(relay))
+    status, headers = parse_response_head(head)
+    assert status == 504
+    assert headers["proxy-status"] == 'relay; error=http_response_timeout; next-hop="up"'
+    assert 0.25 < elapsed < PROMPT
+    assert access()[-1].__dict__["outcome"] == "total_timeout"
+    assert upstream.seen == []  # the body never ended: the upstream never had a whole request
 
 
 @pytest.mark.parametrize("mode", ["stock", "native"])
