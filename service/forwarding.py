@@ -200,12 +200,12 @@ class Forwarding:
         """Forward while a watcher task waits for the client to hang up and, when the
         route has ``timeouts.total``, a timer runs out.
 
-        Either one cancels this task, whichever comes first (and only it: ``uncancel``
-        below takes back exactly one cancellation); that cancellation ends the exchange
-        here and goes no further. Both can only fire while this task is suspended inside
-        ``send_upstream`` or ``stream_back`` (there is no await between the end of the
-        second and the ``finally`` that stops them). The upstream response is closed in
-        ``stream_back``'s ``finally`` either way, and its gate slot returned.
+        Whichever comes first cancels this task, and the other then does nothing
+        (``uncancel`` below takes back exactly one cancellation); that cancellation ends
+        the exchange here and goes no further. Either can only cancel while this task is
+        suspended inside ``send_upstream`` or ``stream_back`` (there is no await between
+        the end of the second and the ``finally`` that stops them). The upstream response
+        is closed in ``stream_back``'s ``finally`` either way, and its gate slot returned.
         """
         task = asyncio.current_task()
         assert task is not None
