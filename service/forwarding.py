@@ -219,7 +219,7 @@ class Forwarding:
 
         watcher = asyncio.create_task(self.channel.watch(cancel))
         policy = self.policy
-        # A timer rather than asyncio.timeout: a third of its cost, and the cancellation
+        # A timer rather than asyncio.timeout: about half its cost, and the cancellation
         # is this method's to take back already.
         deadline = (
             None
