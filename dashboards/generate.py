@@ -338,7 +338,8 @@ def errors() -> dict[str, Any]:
             f"sum by (upstream, reason) "
             f"(rate(relay_upstream_errors_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{reason}} {{upstream}}")], "reqps",
-          "connect, connect_timeout, read_timeout, write_timeout, pool_timeout, protocol, "
+          "connect, connect_timeout, read_timeout, write_timeout, pool_timeout, "
+          "total_timeout (a route's timeouts.total), protocol, "
           "tls (upstream TLS handshake or certificate), reset, "
           "overloaded (503 at server.limit_concurrency), internal (a Relay bug).",
           links=[runbook("RelayUpstreamConnectFailures"), runbook("RelayInternalErrors")]),
@@ -347,8 +348,8 @@ def errors() -> dict[str, Any]:
             f"(rate(relay_responses_truncated_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{upstream}} {{route}}")], "reqps",
           "Responses whose status (not a 5xx) was sent and whose body was then cut: upstream "
-          "reset, read timeout, protocol error or a Relay failure. They count against the "
-          "availability SLI."),
+          "reset, read timeout, a route's total timeout, protocol error or a Relay failure. "
+          "They count against the availability SLI."),
         Panel("Disconnects by side and phase", [Query(
             f"sum by (upstream, side, phase) "
             f"(rate(relay_disconnects_total{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",

@@ -21,6 +21,7 @@ class Reason(StrEnum):
     CONNECT_TIMEOUT = "connect_timeout"
     READ_TIMEOUT = "read_timeout"
     WRITE_TIMEOUT = "write_timeout"
+    TOTAL_TIMEOUT = "total_timeout"
     POOL_TIMEOUT = "pool_timeout"
     PROTOCOL = "protocol"
     TLS = "tls"
@@ -48,6 +49,10 @@ FAILURES: dict[Reason, Failure] = {
     Reason.CONNECT_TIMEOUT: Failure(504, "connection_timeout", "upstream connect timed out"),
     Reason.READ_TIMEOUT: Failure(504, "connection_read_timeout", "upstream response timed out"),
     Reason.WRITE_TIMEOUT: Failure(504, "connection_write_timeout", "upstream write timed out"),
+    # The route's timeouts.total ran out (before the response headers: 504; after: cut).
+    Reason.TOTAL_TIMEOUT: Failure(
+        504, "http_response_timeout", "upstream exchange exceeded the route's total timeout"
+    ),
     Reason.POOL_TIMEOUT: Failure(
         503, "connection_limit_reached", "no upstream connection available"
     ),

@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from enum import Enum
 
 import httpx
 from starlette.types import Receive, Scope, Send
@@ -31,6 +32,7 @@ from .headers import (
     upstream_request_headers,
 )
 from .request_ids import RequestIds
+from .route_policy import HeaderEdits, RoutePolicy
 from .routing import rewrite_path
 from .upstreams.pools import Body, Upstream
 
@@ -41,6 +43,13 @@ log = logging.getLogger("relay.proxy")
 UPSTREAM_ERRORS = (httpx.HTTPError, ssl.SSLError)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
+
+
+class _Cut(Enum):
+    """What cancelled a forwarding task on purpose."""
+
+    CLIENT_GONE = 1
+    OUT_OF_TIME = 2  # the route's timeouts.total
 
 
 class ClientDisconnected(Exception):
@@ -140,9 +149,12 @@ class ProxyHop:
         reason: Reason,
         upstream: str | None,
         error: str | None = None,
+        edits: HeaderEdits | None = None,
     ) -> None:
         """Answer with the proxy's own error for ``reason`` (nothing sent yet); ``error``:
-        the Proxy-Status error type when not the reason's own."""
+        the Proxy-Status error type when not the reason's own; ``edits``: the route's
+        response header policy, which the proxy's own answers get too (as Envoy's local
+        replies get response_headers_to_add)."""
         response = error_response(
             reason,
             server_name=self.server_name,
@@ -151,11 +163,10 @@ class ProxyHop:
             request_id=self.request_id_field(exchange),
             error=error,
         )
+        headers = response.headers if edits is None else edits.apply(response.headers)
         exchange.fail(reason)
         self.observer.failing(exchange)
-        await send(
-            {"type": "http.response.start", "status": response.status, "headers": response.headers}
-        )
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
         exchange.response_started = True
         exchange.response_complete = True
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
@@ -173,6 +184,7 @@ class Forwarding:
         exchange: Exchange,
         route: RouteConfig,
         upstream: Upstream,
+        policy: RoutePolicy | None = None,
     ) -> None:
         self.hop = hop
         self.scope = scope
@@ -182,37 +194,64 @@ class Forwarding:
         self.upstream = upstream
         self.channel = ClientChannel(receive, exchange, hop.max_body)
         self.request_id = hop.request_id_field(exchange)  # the field, both ways
+        self.policy = policy
 
     async def run(self) -> None:
-        """Forward while a watcher task waits for the client to hang up.
+        """Forward while a watcher task waits for the client to hang up and, when the
+        route has ``timeouts.total``, a timer runs out.
 
-        When it does, the watcher cancels this task; that cancellation ends the exchange
-        here and goes no further. The watcher can only fire while this task is suspended
-        inside ``send_upstream`` or ``stream_back`` (there is no await between the end of
-        the second and the watcher's).
+        Whichever comes first cancels this task, and the other then does nothing
+        (``uncancel`` below takes back exactly one cancellation); that cancellation ends
+        the exchange here and goes no further. Either can only cancel while this task is
+        suspended inside ``send_upstream`` or ``stream_back`` (there is no await between
+        the end of the second and the ``finally`` that stops them). The upstream response
+        is closed in ``stream_back``'s ``finally`` either way, and its gate slot returned.
         """
         task = asyncio.current_task()
         assert task is not None
-        cancelled_by_watcher = False
+        cut: _Cut | None = None
 
-        def client_gone() -> None:
-            nonlocal cancelled_by_watcher
-            cancelled_by_watcher = True
-            task.cancel()
+        def cancel(by: _Cut = _Cut.CLIENT_GONE) -> None:
+            nonlocal cut
+            if cut is None:
+                cut = by
+                task.cancel()
 
-        watcher = asyncio.create_task(self.channel.watch(client_gone))
+        watcher = asyncio.create_task(self.channel.watch(cancel))
+        policy = self.policy
+        # A timer rather than asyncio.timeout: about half its cost, and the cancellation
+        # is this method's to take back already.
+        deadline = (
+            None
+            if policy is None or policy.total is None
+            else asyncio.get_running_loop().call_later(policy.total, cancel, _Cut.OUT_OF_TIME)
+        )
         try:
             response = await self.send_upstream()
             if response is not None:
                 await self.stream_back(response)
         except asyncio.CancelledError:
-            if not cancelled_by_watcher or task.uncancel() > 0:
+            if cut is None or task.uncancel() > 0:
                 raise
+            if cut is _Cut.OUT_OF_TIME:
+                await self._out_of_time()
         finally:
             watcher.cancel()
+            if deadline is not None:
+                deadline.cancel()
         exchange = self.exchange
         if exchange.disconnect_side is Side.CLIENT and exchange.status is None:
             exchange.status = CLIENT_CLOSED_REQUEST
+
+    async def _out_of_time(self) -> None:
+        """The route's total timeout ran out: 504 if the response had not started, else it
+        is cut (returning without the final body message drops the connection: a truncated
+        response, never a complete-looking one)."""
+        exchange = self.exchange
+        if not exchange.response_started:
+            await self.fail(Reason.TOTAL_TIMEOUT)
+        elif not exchange.response_complete:
+            exchange.reason = exchange.reason or Reason.TOTAL_TIMEOUT
 
     def _request(self) -> httpx.Request:
         scope, upstream, exchange = self.scope, self.upstream, self.exchange
@@ -232,6 +271,7 @@ class Forwarding:
             via_name=self.hop.via,
             trusted=self.hop.trusted,
             request_id=self.request_id,
+            edits=self.policy.request_headers if self.policy is not None else None,
         )
         raw_path = scope.get("raw_path") or scope["path"].encode()
         raw_path = raw_path.split(b"?", 1)[0]
@@ -243,7 +283,8 @@ class Forwarding:
             body = Body(self.channel.body())
         else:
             self.channel.no_body()
-        return upstream.request(scope["method"], target, out_headers, body)
+        timeouts = self.policy.timeouts if self.policy is not None else None
+        return upstream.request(scope["method"], target, out_headers, body, timeouts)
 
     async def send_upstream(self) -> httpx.Response | None:
         """The upstream's response, or None when the exchange ended before it: the client
@@ -284,6 +325,7 @@ class Forwarding:
                 via_name=self.hop.via,
                 status=response.status_code,
                 request_id=self.request_id,
+                edits=self.response_edits,
             )
             await self.send(
                 {"type": "http.response.start", "status": response.status_code, "headers": headers}
@@ -307,9 +349,15 @@ class Forwarding:
         finally:
             await response.aclose()
 
+    @property
+    def response_edits(self) -> HeaderEdits | None:
+        return self.policy.response_headers if self.policy is not None else None
+
     async def fail(self, reason: Reason, error: str | None = None) -> None:
         """Answer with the proxy's own error for ``reason``, naming the upstream."""
-        await self.hop.send_error(self.send, self.exchange, reason, self.upstream.name, error)
+        await self.hop.send_error(
+            self.send, self.exchange, reason, self.upstream.name, error, self.response_edits
+        )
 
     def _failed(self, exc: BaseException) -> Reason:
         reason = classify(exc)

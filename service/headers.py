@@ -8,6 +8,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .route_policy import HeaderEdits
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -133,13 +137,17 @@ def upstream_request_headers(
     via_name: bytes,
     trusted: TrustedNetworks,
     request_id: tuple[bytes, bytes] | None = None,
+    edits: HeaderEdits | None = None,
 ) -> RawHeaders:
     """Headers to send upstream: hop-by-hop removed, Host set, Via and X-Forwarded-* added,
-    and ``request_id`` (a field) in place of any the client sent under its name."""
+    and ``request_id`` (a field) in place of any the client sent under its name; ``edits``:
+    the route's request header policy (never a field named here: config refuses them)."""
     lowered, drop = _lowered_and_dropped(raw)
     trusted_peer = peer_is_trusted(ctx.peer, trusted) if ctx.trusted is None else ctx.trusted
     if request_id is not None:
         drop.add(request_id[0])
+    if edits is not None:
+        drop |= edits.drop
     if not trusted_peer:
         drop |= CLAIMED_NAMES
     prior_for: list[bytes] = []
@@ -194,6 +202,8 @@ def upstream_request_headers(
         out.append((b"forwarded", b", ".join([*prior_forwarded, element])))
     if request_id is not None:
         out.append(request_id)
+    if edits is not None:
+        out += edits.add
     return out
 
 
@@ -204,13 +214,16 @@ def downstream_response_headers(
     via_name: bytes,
     status: int | None = None,
     request_id: tuple[bytes, bytes] | None = None,
+    edits: HeaderEdits | None = None,
 ) -> RawHeaders:
     """Headers to send to the client: hop-by-hop removed and this hop added to ``Via``, and
     ``request_id`` (a field) in place of any the upstream sent under its name: the client
-    gets the id that the proxy logged."""
+    gets the id that the proxy logged; ``edits``: the route's response header policy."""
     lowered, drop = _lowered_and_dropped(raw)
     if request_id is not None:
         drop.add(request_id[0])
+    if edits is not None:
+        drop |= edits.drop
     if status in (204, 304) or any(n == b"transfer-encoding" for n, _ in lowered):
         # No body follows a 204 or 304, whatever Content-Length says (a 304 may carry the
         # representation's), and the ASGI server would wait for that many bytes. With
@@ -230,6 +243,8 @@ def downstream_response_headers(
     out.append((b"via", b", ".join([*prior_via, hop])))
     if request_id is not None:
         out.append(request_id)
+    if edits is not None:
+        out += edits.add
     return out
 
 

@@ -15,6 +15,7 @@ from .exchange import Exchange, ExchangeObserver
 from .forwarding import Forwarding, ProxyHop
 from .headers import first_value
 from .request_ids import REQUEST_ID_KEY, identify
+from .route_policy import RoutePolicies, RoutePolicy
 from .routing import Router
 from .upstreams.pools import UpstreamSet
 
@@ -29,6 +30,7 @@ class Proxy:
         observer: ExchangeObserver,
     ) -> None:
         self._router = Router(settings.routes)
+        self._policies = RoutePolicies(settings.routes, settings.upstreams)
         self._upstreams = upstreams
         self._observer = observer
         self._hop = ProxyHop.of(settings, observer)
@@ -81,7 +83,9 @@ class Proxy:
         route, exchange = self._begin(scope)
         try:
             upstream = route.upstream if route is not None else None
-            await self._hop.send_error(send, exchange, Reason.OVERLOADED, upstream)
+            policy = self._policies.get(route) if route is not None else None
+            edits = policy.response_headers if policy is not None else None
+            await self._hop.send_error(send, exchange, Reason.OVERLOADED, upstream, None, edits)
         finally:
             self._end(exchange)
 
@@ -91,20 +95,25 @@ class Proxy:
                 await send({"type": "websocket.close", "code": 1003})
             return
         route, exchange = self._begin(scope)
+        policy: RoutePolicy | None = None
         try:
             if route is None:
                 await self._hop.send_error(send, exchange, Reason.NO_ROUTE, None)
                 return
             upstream = self._upstreams()[route.upstream]
-            await Forwarding(self._hop, scope, receive, send, exchange, route, upstream).run()
+            policy = self._policies.get(route)
+            forwarding = Forwarding(
+                self._hop, scope, receive, send, exchange, route, upstream, policy
+            )
+            await forwarding.run()
         except asyncio.CancelledError:
             # Only the server cancels an exchange from outside: at shutdown, once the grace
             # period is over. It ends here, answered and logged as cut short.
-            await self._cut_short(send, exchange)
+            await self._cut_short(send, exchange, policy)
         finally:
             self._end(exchange)
 
-    async def _cut_short(self, send: Send, exchange: Exchange) -> None:
+    async def _cut_short(self, send: Send, exchange: Exchange, policy: RoutePolicy | None) -> None:
         task = asyncio.current_task()
         if task is not None:
             task.uncancel()
@@ -115,4 +124,5 @@ class Proxy:
             # response, never a complete-looking one.
             exchange.reason = Reason.SHUTDOWN
             return
-        await self._hop.send_error(send, exchange, Reason.SHUTDOWN, exchange.upstream)
+        edits = policy.response_headers if policy is not None else None
+        await self._hop.send_error(send, exchange, Reason.SHUTDOWN, exchange.upstream, None, edits)

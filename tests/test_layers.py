@@ -11,7 +11,7 @@ SERVICE = Path(__file__).resolve().parent.parent / "service"
 VOCABULARY = {"service", "service.config", "service.config_errors", "service.errors"}
 VOCABULARY |= {"service.exchange", "service.compat", "service.route_index"}
 CORE = {"service.app", "service.proxy", "service.forwarding", "service.routing"}
-CORE |= {"service.headers", "service.request_ids"}
+CORE |= {"service.headers", "service.request_ids", "service.route_policy"}
 
 
 def layer(module: str) -> str:

@@ -178,10 +178,10 @@ class GatedTransport(httpx.AsyncBaseTransport):
             waiting=gate.waiting,
         )
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, pool_timeout: float | None) -> None:
         started = time.perf_counter()
         try:
-            await self._gate.acquire(self._pool_timeout)
+            await self._gate.acquire(pool_timeout)
         except GateTimeout:
             self._observer.pool_timeout(self.name)
             raise httpx.PoolTimeout(f"no connection to {self.name} free in time") from None
@@ -189,7 +189,9 @@ class GatedTransport(httpx.AsyncBaseTransport):
             self._observer.pool_wait(self.name, time.perf_counter() - started)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        await self._acquire()
+        # A route's own timeouts travel in the request, as httpx's do (Upstream.request).
+        timeouts = request.extensions.get("timeout")
+        await self._acquire(timeouts["pool"] if timeouts else self._pool_timeout)
         lease = _Lease(self._gate)
         try:
             response = await self._send_with_retry(request, lease)
@@ -307,9 +309,15 @@ class Upstream:
         self.timeouts: dict[str, float | None] = self.client.timeout.as_dict()
 
     def request(
-        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: Body | None
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: Body | None,
+        timeouts: dict[str, float | None] | None = None,
     ) -> httpx.Request:
-        """The upstream request: ``target`` is the raw path and query, sent as is.
+        """The upstream request: ``target`` is the raw path and query, sent as is;
+        ``timeouts``: a route's own, in place of the upstream's (httpx's names, pool too).
 
         Built with ``stream=`` always, as httpx documents for requests made on the server
         side of its transport API: the headers are exactly the ones given, with nothing
@@ -317,7 +325,7 @@ class Upstream:
         its header map a second time to add them.
         """
         url = httpx.URL(self._origin + target.decode("ascii"))
-        extensions: dict[str, Any] = {"timeout": self.timeouts}
+        extensions: dict[str, Any] = {"timeout": timeouts or self.timeouts}
         if self._sni is not None:
             extensions["sni_hostname"] = self._sni
         if body is None:
