@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from .config_errors import env_overrides, format_validation_error
+from .retry_config import RetryConfig
 from .route_index import Conflict, find_conflict
 
 CONFIG_ENV_VAR = "RELAY_CONFIG"
@@ -168,6 +169,7 @@ class RouteConfig(_Strict):
     host: Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9.-]+$")] | None = None
     upstream: Name
     strip_prefix: bool = False
+    retry: RetryConfig = RetryConfig()
 
     @property
     def label(self) -> str:

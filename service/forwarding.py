@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
 from starlette.types import Receive, Scope, Send
 
 from .config import RouteConfig, Settings
-from .errors import BodyTooLarge, Reason, classify, error_response, tls_error_type
+from .errors import (
+    UPSTREAM_ERRORS,
+    BodyTooLarge,
+    Reason,
+    classify,
+    error_response,
+    tls_error_type,
+)
 from .exchange import Exchange, ExchangeObserver, Side
 from .headers import (
     RequestContext,
@@ -31,14 +37,11 @@ from .headers import (
     upstream_request_headers,
 )
 from .request_ids import RequestIds
+from .retries import Retrying, RoutePlan, route_plans
 from .routing import rewrite_path
 from .upstreams.pools import Body, Upstream
 
 log = logging.getLogger("relay.proxy")
-
-# httpcore lets a TLS alert received after the handshake (say, the upstream refusing our
-# client certificate under TLS 1.3) through as the ssl module's own error.
-UPSTREAM_ERRORS = (httpx.HTTPError, ssl.SSLError)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
 
@@ -114,6 +117,7 @@ class ProxyHop:
     retry_after_seconds: int
     observer: ExchangeObserver
     request_ids: RequestIds
+    retry_plans: Mapping[int, RoutePlan]  # by id of the route (retries.route_plans)
 
     @classmethod
     def of(cls, settings: Settings, observer: ExchangeObserver) -> ProxyHop:
@@ -126,6 +130,7 @@ class ProxyHop:
             retry_after_seconds=server.retry_after_seconds,
             observer=observer,
             request_ids=RequestIds.of(settings.request_id),
+            retry_plans=route_plans(settings.routes),
         )
 
     def request_id_field(self, exchange: Exchange) -> tuple[bytes, bytes] | None:
@@ -215,6 +220,15 @@ class Forwarding:
             exchange.status = CLIENT_CLOSED_REQUEST
 
     def _request(self) -> httpx.Request:
+        method, target, headers, body = self._parts()
+        return self.upstream.request(
+            method, target, headers, Body(body) if body is not None else None
+        )
+
+    def _parts(
+        self,
+    ) -> tuple[str, bytes, list[tuple[bytes, bytes]], AsyncIterator[bytes] | None]:
+        """Method, target, headers and body (None: the request has none) to send upstream."""
         scope, upstream, exchange = self.scope, self.upstream, self.exchange
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         ctx = RequestContext(
@@ -238,18 +252,23 @@ class Forwarding:
         target = upstream.base_path + rewrite_path(self.route, raw_path)
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
-        body: Body | None = None
+        body: AsyncIterator[bytes] | None = None
         if has_body(raw_headers):
-            body = Body(self.channel.body())
+            body = self.channel.body()
         else:
             self.channel.no_body()
-        return upstream.request(scope["method"], target, out_headers, body)
+        return scope["method"], target, out_headers, body
 
     async def send_upstream(self) -> httpx.Response | None:
         """The upstream's response, or None when the exchange ended before it: the client
         went, or the proxy answered with its own error."""
+        plan = self.hop.retry_plans.get(id(self.route))
         try:
-            response = await self.upstream.send(self._request())
+            if plan is None:
+                response = await self.upstream.send(self._request())
+            else:
+                retrying = Retrying(plan, self.upstream, self.exchange, self.hop.observer)
+                response = await retrying.send(*self._parts())
             self.exchange.upstream_status = response.status_code
             if not 200 <= response.status_code <= 599:
                 # Not a final status the proxy can forward (e.g. 101 to a request whose
