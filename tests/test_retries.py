@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from opentelemetry.trace import SpanKind
 
 from service.config import ConfigError, load_settings
@@ -409,3 +410,12 @@ def test_bad_retry_config_names_the_field(tmp_path: Path, retry: str, message: s
     with pytest.raises(ConfigError) as caught:
         load_settings(write_config(tmp_path, retry))
     assert message in str(caught.value)
+
+
+def test_the_readme_documents_every_retry_field_with_its_default() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    reference = readme.split("## Configuration", 1)[1].split("```yaml\n", 1)[1].split("```")[0]
+    (route,) = yaml.safe_load(reference)["routes"]
+    documented = {("on" if key is True else key): v for key, v in route["retry"].items()}
+    assert set(documented) == set(RetryConfig.model_fields)
+    assert RetryConfig.model_validate(documented) == RetryConfig()
