@@ -210,6 +210,56 @@ async def test_no_retry_once_the_response_body_started(scripted: ScriptedUpstrea
         await settled(relay)
 
 
+async def test_a_client_gone_during_the_backoff_ends_the_exchange(
+    scripted: ScriptedUpstream,
+) -> None:
+    """The wait before a retry (here at least 2.5 s) is cut short by the client hanging up:
+    no retry is sent, the exchange is a 499 and the pool is idle again."""
+    scripted.handlers["/s"] = respond(503)
+    async with run_relay(retrying(scripted.url, on=["503"], backoff_seconds=5)) as relay:
+        async with http_client(timeout=0.3) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.get(f"{relay.url}/s")
+
+        async def hung_up() -> float:
+            return await metric(relay, "relay_requests_total", upstream="up", code="499")
+
+        for _ in range(100):
+            if await hung_up() == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert await hung_up() == 1
+        assert len(scripted.seen) == 1
+        assert await retries(relay) == 1  # decided, then abandoned with the client
+        await settled(relay)
+
+
+async def test_a_body_on_a_stale_connection_is_sent_again_on_a_new_one(
+    scripted: ScriptedUpstream, transport: str
+) -> None:
+    """Two pooled connections, both dropped by the upstream when reused: the PUT fails on
+    one (reason reset), and its retry must not take the other."""
+
+    async def stale_when_reused(request: Request, writer: Writer) -> None:
+        if request.sequence >= 1:
+            writer.close()
+            return
+        await asyncio.sleep(0.05)  # the two warm-up requests overlap: two connections
+        await echo(request, writer)
+
+    scripted.handlers["/s"] = stale_when_reused
+    async with run_relay(retrying(scripted.url, transport, attempts=1)) as relay:
+        async with http_client() as client:
+            warm = await asyncio.gather(*(client.get(f"{relay.url}/s") for _ in range(2)))
+            assert [r.status_code for r in warm] == [200, 200]
+            assert scripted.peak_connections == 2
+            response = await client.put(f"{relay.url}/s", content=BODY)
+        assert (response.status_code, response.content) == (200, BODY)
+        assert await retries(relay, "reset") == 1
+        assert await retries(relay, "stale_connection") == 0  # the gate replays no body
+        await settled(relay)
+
+
 BODY = bytes(range(256)) * 40  # 10 KiB, every byte value
 
 
