@@ -77,6 +77,14 @@ class RetryConfig(BaseModel):
             raise ValueError(f"{seen[0]!r} listed twice")
         return value
 
+    @model_validator(mode="after")
+    def _can_apply(self) -> RetryConfig:
+        if self.attempts:
+            for name in ("on", "methods"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name}: empty, so attempts never apply")
+        return self
+
     @field_validator("methods")
     @classmethod
     def _not_connect(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -454,6 +454,7 @@ def test_retry_config_reads_yaml_as_written(tmp_path: Path) -> None:
         ("{attempts: -1}", "routes.0.retry.attempts: Input should be greater than or equal"),
         ("{budget_percent: 150}", "routes.0.retry.budget_percent: Input should be less than"),
         ("{tries: 2}", "routes.0.retry.tries: unknown field"),
+        ("{attempts: 1, on: []}", "routes.0.retry: on: empty, so attempts never apply"),
     ],
 )
 def test_bad_retry_config_names_the_field(tmp_path: Path, retry: str, message: str) -> None:
