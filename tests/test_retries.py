@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 import yaml
 from opentelemetry.trace import SpanKind
 
+from service import retries as retries_module
 from service.config import ConfigError, load_settings
 from service.retries import RetryBudget, RetryPolicy
 from service.retry_config import RetryConfig
@@ -297,10 +299,12 @@ async def test_a_body_over_max_body_bytes_is_streamed_and_not_retried(
 
 
 async def test_the_budget_bounds_retries_of_a_failing_upstream(
-    scripted: ScriptedUpstream,
+    scripted: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """20% of 20 requests: at most 4 retries in the window; every refusal is counted and
-    answered with the upstream's own failure."""
+    """20% of 20 requests: 4 retries; every refusal is counted and answered with the
+    upstream's own failure. (The window is made long enough that however slowly the
+    machine runs the requests, they all fall in it.)"""
+    monkeypatch.setattr(RetryBudget, "WINDOW", 600)
     scripted.handlers["/s"] = respond(503, b"busy")
     config = retrying(scripted.url, on=["503"], budget_percent=20, budget_min_retries=0)
     async with run_relay(config) as relay:
@@ -308,10 +312,10 @@ async def test_the_budget_bounds_retries_of_a_failing_upstream(
             for _ in range(20):
                 response = await client.get(f"{relay.url}/s")
                 assert (response.status_code, response.content) == (503, b"busy")
-        made = await retries(relay, "status_503")
-        assert 1 <= made <= 4
-        assert len(scripted.seen) == 20 + made
-        # Each request ends on a refusal: none ever gets its second retry.
+        # The 5th, 10th, 15th and 20th request each got one retry (20% of the requests so
+        # far); none ever got its second.
+        assert await retries(relay, "status_503") == 4
+        assert len(scripted.seen) == 24
         assert await exhausted(relay) == 20
         await settled(relay)
 
@@ -367,13 +371,23 @@ def test_backoff_doubles_with_jitter_and_is_capped() -> None:
         assert max(delays) - min(delays) > interval / 10  # jittered, not fixed
 
 
-def test_the_budget_window_slides() -> None:
+def test_the_budget_window_slides(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(retries_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
     budget = RetryBudget()
     for _ in range(10):
         budget.request()
     assert [budget.allow(20, 0) for _ in range(3)] == [True, True, False]
     assert budget.allow(20, 3)  # the floor: a third retry in the window
     assert not budget.allow(20, 3)
+    now[0] += 9.5  # the same window: requests and retries still count
+    assert not budget.allow(20, 3)
+    now[0] += 1  # their second has left the window: nothing counts any more
+    assert not budget.allow(20, 0)
+    for _ in range(5):
+        budget.request()
+    assert [budget.allow(20, 0), budget.allow(20, 0)] == [True, False]  # 20% of 5
+    assert budget.allow(20, 2)
 
 
 @pytest.mark.parametrize("mode", ["stock", "native"])
