@@ -11,6 +11,7 @@ Starlette background tasks, which are skipped on some paths.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -221,9 +222,14 @@ class Forwarding:
 
     def _request(self) -> httpx.Request:
         method, target, headers, body = self._parts()
-        return self.upstream.request(
-            method, target, headers, Body(body) if body is not None else None
-        )
+        return self._build(method, target, headers, Body(body) if body is not None else None)
+
+    def _build(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: Body | None
+    ) -> httpx.Request:
+        """The upstream request of one attempt: every attempt of a retried request is built
+        here too, so whatever a request gets, each attempt gets."""
+        return self.upstream.request(method, target, headers, body)
 
     def _parts(
         self,
@@ -267,8 +273,10 @@ class Forwarding:
             if plan is None:
                 response = await self.upstream.send(self._request())
             else:
+                method, target, headers, body = self._parts()
+                build = functools.partial(self._build, method, target, headers)
                 retrying = Retrying(plan, self.upstream, self.exchange, self.hop.observer)
-                response = await retrying.send(*self._parts())
+                response = await retrying.send(method, body, build)
             self.exchange.upstream_status = response.status_code
             if not 200 <= response.status_code <= 599:
                 # Not a final status the proxy can forward (e.g. 101 to a request whose

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -42,6 +42,8 @@ RETRY_REASONS: dict[str, str] = {
     **{status: f"status_{status}" for status in sorted(STATUS_TRIGGERS)},
 }
 BACKOFF_CAP = 10  # times backoff_seconds, as Envoy's default max_interval
+
+BuildRequest = Callable[[Body | None], httpx.Request]
 
 
 class RetryBudget:
@@ -184,51 +186,38 @@ class Retrying:
         self.observer = observer
 
     async def send(
-        self,
-        method: str,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: AsyncIterator[bytes] | None,
+        self, method: str, body: AsyncIterator[bytes] | None, build: BuildRequest
     ) -> httpx.Response:
-        """The response to show the client (or the last attempt's failure, raised)."""
+        """The response to show the client (or the last attempt's failure, raised).
+        ``build`` makes the request of one attempt from its body (None: it has none)."""
         upstream = self.upstream
         self.plan.budget.request()
         policy = self.plan.policy
         if policy is None or method not in policy.methods:
-            return await upstream.send(upstream.request(method, target, headers, _body(body)))
+            return await upstream.send(build(Body(body) if body is not None else None))
         data = b""
         if body is not None:
             chunks, whole = await _buffered(body, policy.max_body)
             if not whole:
                 # Too large to keep: streamed as without retries, and never sent again.
-                stream = Body(_chain(chunks, body))
-                return await upstream.send(upstream.request(method, target, headers, stream))
+                return await upstream.send(build(Body(_chain(chunks, body))))
             data = b"".join(chunks)
-        return await self._attempts(policy, method, target, headers, body is not None, data)
+        return await self._attempts(policy, build, body is not None, data)
 
     async def _attempts(
-        self,
-        policy: RetryPolicy,
-        method: str,
-        target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        has_body: bool,
-        data: bytes,
+        self, policy: RetryPolicy, build: BuildRequest, has_body: bool, data: bytes
     ) -> httpx.Response:
-        upstream = self.upstream
         resends = 0
         fresh = False
         while True:
-            request = upstream.request(
-                method, target, headers, Body(_once(data)) if has_body else None
-            )
+            request = build(Body(_once(data)) if has_body else None)
             if resends:
                 info = attempt_of(request)
                 info.resends = resends
                 # After a stale pooled connection, others may be just as stale.
                 info.fresh = fresh
             try:
-                response = await upstream.send(request)
+                response = await self.upstream.send(request)
             except UPSTREAM_ERRORS as exc:
                 trigger = _TRIGGERS.get(classify(exc))
                 if trigger is None or trigger not in policy.on:
@@ -257,7 +246,3 @@ class Retrying:
             return True
         self.observer.retry_denied(self.exchange)
         return False
-
-
-def _body(chunks: AsyncIterator[bytes] | None) -> Body | None:
-    return Body(chunks) if chunks is not None else None
