@@ -5,9 +5,10 @@ left idle afterwards."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +40,7 @@ from tests.support.scripted import (
 from tests.support.tracing import in_memory
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
+Records = Callable[[], list[logging.LogRecord]]
 
 OK = respond(200, b"ok")
 
@@ -87,19 +89,32 @@ async def scripted() -> AsyncIterator[ScriptedUpstream]:
         yield running
 
 
+@pytest.fixture
+def access(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Records:
+    """The access records logged so far in the test, in order."""
+    monkeypatch.setattr(logging.getLogger("relay.access"), "disabled", False)
+    caplog.set_level(logging.INFO, logger="relay.access")
+    return lambda: [r for r in caplog.records if r.name == "relay.access"]
+
+
 @pytest.mark.parametrize("status", [502, 503, 504])
 async def test_a_listed_status_is_retried_and_the_next_answer_served(
-    scripted: ScriptedUpstream, transport: str, status: int
+    scripted: ScriptedUpstream, transport: str, status: int, access: Records
 ) -> None:
-    scripted.handlers["/s"] = failing_first(1, respond(status, b"failed"))
+    scripted.handlers |= {"/s": failing_first(1, respond(status, b"failed")), "/ok": OK}
     async with run_relay(retrying(scripted.url, transport, on=[str(status)])) as relay:
         async with http_client() as client:
             response = await client.get(f"{relay.url}/s")
+            assert (await client.get(f"{relay.url}/ok")).status_code == 200
         assert (response.status_code, response.content) == (200, b"ok")
         assert await retries(relay, f"status_{status}") == 1
         assert await retries(relay) == 1
-        assert len(scripted.seen) == 2
+        assert len(scripted.seen) == 3
         await settled(relay)
+    assert [(r.path, r.retries, r.status) for r in access()] == [  # type: ignore[attr-defined]
+        ("/s", 1, 200),
+        ("/ok", None, 200),
+    ]
 
 
 async def test_a_status_not_listed_is_answered_as_it_is(scripted: ScriptedUpstream) -> None:
