@@ -324,7 +324,9 @@ def upstream_alerts(cfg: Config, scope: Scope) -> list[dict[str, Any]]:
             scope,
             "RelayUpstreamRetries",
             a["retries_high"],
-            series("relay_upstream_retries_total", scope.raw()),
+            # The keep-alive race only: route policies' retries follow failures that other
+            # alerts report by their own reason.
+            series("relay_upstream_retries_total", scope.raw('reason="stale_connection"')),
             "upstream",
             "were retried because a reused keep-alive connection had been closed by the upstream",
             "Upstream {{ $labels.upstream }} keeps closing idle keep-alive connections",

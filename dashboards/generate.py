@@ -319,11 +319,12 @@ def pools() -> dict[str, Any]:
             f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
             "{{upstream}}")], "reqps", "Requests that got no connection within the pool timeout.",
           links=[runbook("RelayPoolTimeouts")]),
-        Panel("Stale keep-alive retries", [Query(
-            f"sum by (upstream) (rate(relay_upstream_retries_total"
+        Panel("Retries by reason", [Query(
+            f"sum by (upstream, reason) (rate(relay_upstream_retries_total"
             f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
-            "{{upstream}}")], "reqps",
-          "Idempotent requests replayed after a reused connection was closed by the upstream.",
+            "{{reason}} {{upstream}}")], "reqps",
+          "Attempts sent again: stale_connection (an idempotent request replayed after a reused "
+          "connection was closed by the upstream) and the route retry policies' triggers.",
           links=[runbook("RelayUpstreamRetries")]),
     ]  # fmt: skip
     return build_dashboard(

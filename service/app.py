@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from .config import ConfigError, Settings
 from .exchange import ExchangeObserver, Observers
 from .proxy import Proxy
+from .retries import retry_reasons
 from .telemetry.logs import AccessLogObserver
 from .telemetry.metrics import Metrics
 from .telemetry.pod import WorkerSlot, WorkerState
@@ -116,6 +117,7 @@ class Relay:
             settings.upstreams,
             [(route.upstream, route.label) for route in settings.routes],
             [name for name, config in settings.upstreams.items() if tls_settings(config).files()],
+            retry_reasons(settings.routes),
         )
         chain: list[ExchangeObserver] = [self.metrics]
         if settings.log.access_log:

@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from .config_errors import env_overrides, format_validation_error
+from .retry_config import RetryConfig
 from .route_index import Conflict, find_conflict
 
 CONFIG_ENV_VAR = "RELAY_CONFIG"
@@ -250,6 +251,7 @@ class RouteConfig(_Strict):
     timeouts: RouteTimeouts | None = None
     request_headers: HeaderPolicy | None = None  # on what goes upstream
     response_headers: HeaderPolicy | None = None  # on what goes to the client
+    retry: RetryConfig = RetryConfig()
 
     @property
     def label(self) -> str:

@@ -101,6 +101,12 @@ CLIENT_REASONS: frozenset[Reason] = frozenset(
 )
 
 
+# What sending a request upstream may raise: httpx's errors, and the ssl module's own for a
+# TLS alert httpcore lets through after the handshake (the upstream refusing our client
+# certificate under TLS 1.3, say).
+UPSTREAM_ERRORS = (httpx.HTTPError, ssl.SSLError)
+
+
 class StaleConnectionError(httpx.RemoteProtocolError):
     """A reused keep-alive connection was closed by the upstream before any response byte.
 

@@ -53,6 +53,8 @@ class Exchange:
     user_agent: str | None = None  # at most USER_AGENT_CHARS
     http_version: str | None = None  # "1.1", "1.0"
     upstream_status: int | None = None  # the status the upstream answered with, if it did
+    retries: int = 0  # attempts sent again under the route's retry policy
+    retry_reason: str | None = None  # why the latest was (a reason of relay_upstream_retries)
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started
@@ -139,11 +141,17 @@ class ExchangeObserver:
     def failing(self, exchange: Exchange) -> None:
         """The proxy is about to answer with an error of its own (status and reason set)."""
 
+    def retrying(self, exchange: Exchange) -> None:
+        """An attempt failed and is sent again (``retries`` and ``retry_reason`` set)."""
+
+    def retry_denied(self, exchange: Exchange) -> None:
+        """An attempt failed and would be sent again, but the retry budget is spent."""
+
     def finished(self, exchange: Exchange) -> None:
         """The exchange ended, whichever way."""
 
 
-_EVENTS = ("started", "headers", "failing", "finished")
+_EVENTS = ("started", "headers", "failing", "retrying", "retry_denied", "finished")
 
 
 def _each(hooks: tuple[Callable[[Exchange], None], ...]) -> Callable[[Exchange], None]:

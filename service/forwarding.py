@@ -11,9 +11,9 @@ Starlette background tasks, which are skipped on some paths.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,7 +21,14 @@ import httpx
 from starlette.types import Receive, Scope, Send
 
 from .config import RouteConfig, Settings
-from .errors import BodyTooLarge, Reason, classify, error_response, tls_error_type
+from .errors import (
+    UPSTREAM_ERRORS,
+    BodyTooLarge,
+    Reason,
+    classify,
+    error_response,
+    tls_error_type,
+)
 from .exchange import Exchange, ExchangeObserver, Side
 from .headers import (
     RequestContext,
@@ -32,15 +39,12 @@ from .headers import (
     upstream_request_headers,
 )
 from .request_ids import RequestIds
+from .retries import Retrying, RoutePlan, route_plans
 from .route_policy import HeaderEdits, RoutePolicy
 from .routing import rewrite_path
 from .upstreams.pools import Body, Upstream
 
 log = logging.getLogger("relay.proxy")
-
-# httpcore lets a TLS alert received after the handshake (say, the upstream refusing our
-# client certificate under TLS 1.3) through as the ssl module's own error.
-UPSTREAM_ERRORS = (httpx.HTTPError, ssl.SSLError)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention for "client hung up before the response"
 
@@ -123,6 +127,7 @@ class ProxyHop:
     retry_after_seconds: int
     observer: ExchangeObserver
     request_ids: RequestIds
+    retry_plans: Mapping[int, RoutePlan]  # by id of the route (retries.route_plans)
 
     @classmethod
     def of(cls, settings: Settings, observer: ExchangeObserver) -> ProxyHop:
@@ -135,6 +140,7 @@ class ProxyHop:
             retry_after_seconds=server.retry_after_seconds,
             observer=observer,
             request_ids=RequestIds.of(settings.request_id),
+            retry_plans=route_plans(settings.routes),
         )
 
     def request_id_field(self, exchange: Exchange) -> tuple[bytes, bytes] | None:
@@ -254,6 +260,21 @@ class Forwarding:
             exchange.reason = exchange.reason or Reason.TOTAL_TIMEOUT
 
     def _request(self) -> httpx.Request:
+        method, target, headers, body = self._parts()
+        return self._build(method, target, headers, Body(body) if body is not None else None)
+
+    def _build(
+        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], body: Body | None
+    ) -> httpx.Request:
+        """The upstream request of one attempt: every attempt of a retried request is built
+        here too, so whatever a request gets, each attempt gets (the route's timeouts)."""
+        timeouts = self.policy.timeouts if self.policy is not None else None
+        return self.upstream.request(method, target, headers, body, timeouts)
+
+    def _parts(
+        self,
+    ) -> tuple[str, bytes, list[tuple[bytes, bytes]], AsyncIterator[bytes] | None]:
+        """Method, target, headers and body (None: the request has none) to send upstream."""
         scope, upstream, exchange = self.scope, self.upstream, self.exchange
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         ctx = RequestContext(
@@ -278,19 +299,25 @@ class Forwarding:
         target = upstream.base_path + rewrite_path(self.route, raw_path)
         if scope.get("query_string"):
             target += b"?" + scope["query_string"]
-        body: Body | None = None
+        body: AsyncIterator[bytes] | None = None
         if has_body(raw_headers):
-            body = Body(self.channel.body())
+            body = self.channel.body()
         else:
             self.channel.no_body()
-        timeouts = self.policy.timeouts if self.policy is not None else None
-        return upstream.request(scope["method"], target, out_headers, body, timeouts)
+        return scope["method"], target, out_headers, body
 
     async def send_upstream(self) -> httpx.Response | None:
         """The upstream's response, or None when the exchange ended before it: the client
         went, or the proxy answered with its own error."""
+        plan = self.hop.retry_plans.get(id(self.route))
         try:
-            response = await self.upstream.send(self._request())
+            if plan is None:
+                response = await self.upstream.send(self._request())
+            else:
+                method, target, headers, body = self._parts()
+                build = functools.partial(self._build, method, target, headers)
+                retrying = Retrying(plan, self.upstream, self.exchange, self.hop.observer)
+                response = await retrying.send(method, body, build)
             self.exchange.upstream_status = response.status_code
             if not 200 <= response.status_code <= 599:
                 # Not a final status the proxy can forward (e.g. 101 to a request whose

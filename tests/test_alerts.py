@@ -25,6 +25,8 @@ from prometheus_client.utils import floatToGoString
 
 from service.errors import Reason
 from service.exchange import Phase, Side
+from service.retries import RETRY_REASONS
+from service.retry_config import STALE_CONNECTION
 from service.telemetry.metrics import LATENCY_BUCKETS, Metrics
 from tests.support.net import kill
 from tests.support.rules import (
@@ -369,7 +371,10 @@ def test_rules_use_only_metrics_and_label_values_relay_exposes() -> None:
         reasons = {
             r for group in re.findall(r'reason=~?"([\w|]+)"', exprs) for r in group.split("|")
         }
-        assert reasons <= {reason.value for reason in Reason}, reasons
+        # Failure reasons (relay_upstream_errors_total) and retry reasons
+        # (relay_upstream_retries_total).
+        retried = {STALE_CONNECTION, *RETRY_REASONS.values()}
+        assert reasons <= {reason.value for reason in Reason} | retried, reasons
 
 
 def github_anchors(markdown: str) -> set[str]:

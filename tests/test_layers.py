@@ -10,8 +10,10 @@ from pathlib import Path
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 VOCABULARY = {"service", "service.config", "service.config_errors", "service.errors"}
 VOCABULARY |= {"service.exchange", "service.compat", "service.route_index"}
+VOCABULARY |= {"service.retry_config"}
 CORE = {"service.app", "service.proxy", "service.forwarding", "service.routing"}
 CORE |= {"service.headers", "service.request_ids", "service.route_policy"}
+CORE |= {"service.retries"}
 
 
 def layer(module: str) -> str:
@@ -29,7 +31,8 @@ def layer(module: str) -> str:
 ALLOWED = {
     "vocabulary": {"vocabulary"},
     "upstreams": {"vocabulary"},
-    "telemetry": {"vocabulary", "service.upstreams.pools"},
+    # The pool snapshots, and the attempt record (a client span's resend count).
+    "telemetry": {"vocabulary", "service.upstreams.pools", "service.upstreams.attempt"},
     "core": {"vocabulary", "upstreams", "telemetry"},
     "server": {"vocabulary", "upstreams", "telemetry", "core"},
     "entry point": {"vocabulary", "core", "server", "telemetry"},

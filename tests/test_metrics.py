@@ -249,8 +249,14 @@ async def test_counters_start_at_zero_for_every_configured_upstream_and_route() 
                     series("relay_disconnects_total", upstream=upstream, side=side, phase=phase)
                     == 0
                 )
+        retries = "relay_upstream_retries_total"
+        assert series(retries, upstream=upstream, reason="stale_connection") == 0
+        # No route of these retries under a policy: no other reason, no budget.
+        assert [key for key in got if key[0] == retries and ("upstream", upstream) in key[1]] == [
+            (retries, frozenset({("upstream", upstream), ("reason", "stale_connection")}))
+        ]
+        assert series("relay_upstream_retry_budget_exhausted_total", upstream=upstream) is None
         for name in (
-            "relay_upstream_retries_total",
             "relay_pool_timeouts_total",
             "relay_request_body_bytes_total",
             "relay_response_body_bytes_total",

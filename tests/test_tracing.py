@@ -136,6 +136,8 @@ async def test_retry_shows_two_client_spans(
         a.parent is not None and a.parent.span_id == server.context.span_id for a in attempts
     )
     assert [a.status.status_code for a in attempts] == [StatusCode.ERROR, StatusCode.UNSET]
+    resends = [(a.attributes or {}).get("http.request.resend_count") for a in attempts]
+    assert resends == [None, 1]
 
 
 async def test_errors_recorded_with_reason(

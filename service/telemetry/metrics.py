@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Generic, Literal, TypeVar
 
 from prometheus_client import (
@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..errors import CLIENT_REASONS, Reason
 from ..exchange import Exchange, ExchangeObserver, Phase, Side
+from ..retry_config import STALE_CONNECTION
 from ..upstreams.pools import PoolSnapshot
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
@@ -47,6 +48,7 @@ ERROR_LABELS = ["upstream", "reason"]
 DISCONNECT_LABELS = ["upstream", "side", "phase"]
 TLS_RELOAD_LABELS = ["upstream", "result"]
 TLS_RELOAD_RESULTS = ("success", "failure")
+RETRY_LABELS = ["upstream", "reason"]
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
@@ -225,9 +227,18 @@ class Metrics(ExchangeObserver):
         )
         self.retries = self._counter(
             "upstream_retries",
-            "Requests retried after a reused keep-alive connection was closed by the upstream.",
+            "Attempts sent again, by reason: stale_connection (a reused keep-alive connection "
+            "closed by the upstream) or the route retry policy's trigger (connect, reset, "
+            "read_timeout, status_502, status_503, status_504).",
+            RETRY_LABELS,
+        )
+        self.retry_budget_exhausted = self._counter(
+            "upstream_retry_budget_exhausted",
+            "Retries the route policy would have made but the upstream's retry budget refused "
+            "(the failure was answered as it was).",
             UPSTREAM,
         )
+        self._retries = Children(self.retries)
         self.tls_reloads = self._counter(
             "tls_reloads",
             "Upstream TLS files (CA, client certificate, key) re-read after a change on disk, "
@@ -311,6 +322,7 @@ class Metrics(ExchangeObserver):
         upstreams: Iterable[str],
         routes: Iterable[tuple[str, str]],
         tls_files: Iterable[str] = (),
+        retry_reasons: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         """Expose the counter series of every configured upstream and route at 0 from the
         first scrape (zeros.py says why, and why at scrape time): per upstream, every failure
@@ -319,6 +331,9 @@ class Metrics(ExchangeObserver):
         and status code) and the histograms appear on first use: creating them for every
         method and code would multiply the series of each route by about 50. ``tls_files``:
         the upstreams whose TLS files are watched (their reloads, by result).
+        ``retry_reasons``: per upstream, the retry reasons its routes' policies can count
+        (stale_connection is there for every upstream), and the budget's refusals for those
+        that have any.
         """
         names = list(upstreams)
         per_upstream = [(name,) for name in names]
@@ -327,8 +342,13 @@ class Metrics(ExchangeObserver):
         zero(self.errors, ERROR_LABELS, [(u, r) for u in names for r in reasons])
         disconnects = [(u, s.value, p.value) for u in names for s in Side for p in Phase]
         zero(self.disconnects, DISCONNECT_LABELS, disconnects)
-        for family in (self.retries, self.pool_timeouts, self.request_bytes, self.response_bytes):
+        for family in (self.pool_timeouts, self.request_bytes, self.response_bytes):
             zero(family, UPSTREAM, per_upstream)
+        policies = retry_reasons or {}
+        retried = [(u, r) for u in names for r in sorted({STALE_CONNECTION, *policies.get(u, ())})]
+        zero(self.retries, RETRY_LABELS, retried)
+        budgets = [(u,) for u in names if set(policies.get(u, ())) - {STALE_CONNECTION}]
+        zero(self.retry_budget_exhausted, UPSTREAM, budgets)
         zero(self.in_flight, UPSTREAM, per_upstream)
         pairs = list(routes)
         zero(self.failed, UPSTREAM_ROUTE, pairs)
@@ -344,7 +364,7 @@ class Metrics(ExchangeObserver):
         self.pool_timeouts.labels(upstream).inc()
 
     def retry(self, upstream: str) -> None:
-        self.retries.labels(upstream).inc()
+        self._retries(upstream, STALE_CONNECTION).inc()
 
     def tls_reload(self, upstreams: Iterable[str], swapped: bool) -> None:
         """The TLS files of ``upstreams`` changed: ``swapped`` if the new ones are in use."""
@@ -369,6 +389,14 @@ class Metrics(ExchangeObserver):
             self._headers_latency(exchange.upstream, exchange.route or NO_UPSTREAM).observe(
                 exchange.headers_seconds, exemplar=self._exemplar_now()
             )
+
+    def retrying(self, exchange: Exchange) -> None:
+        if exchange.upstream is not None and exchange.retry_reason is not None:
+            self._retries(exchange.upstream, exchange.retry_reason).inc()
+
+    def retry_denied(self, exchange: Exchange) -> None:
+        if exchange.upstream is not None:
+            self.retry_budget_exhausted.labels(exchange.upstream).inc()
 
     def finished(self, exchange: Exchange) -> None:
         upstream = exchange.upstream or NO_UPSTREAM

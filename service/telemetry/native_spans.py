@@ -24,8 +24,12 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..exchange import bare_host
+from ..upstreams.attempt import resends_of
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+# Set on the client span of an attempt that sends its request again (semantic conventions:
+# the ordinal of the resend, so 1 on the first retry); absent on first attempts.
+RESEND_COUNT_ATTRIBUTE = "http.request.resend_count"
 
 
 class _ScopeHeaders(Getter[Scope]):
@@ -141,6 +145,9 @@ class ClientSpans(httpx.AsyncBaseTransport):
                     "relay.upstream": self._upstream,
                 }
             )
+            resends = resends_of(request.extensions)
+            if resends:
+                span.set_attribute(RESEND_COUNT_ATTRIBUTE, resends)
         _PROPAGATOR.inject(request.headers, context=trace.set_span_in_context(span))
         try:
             response = await self._inner.handle_async_request(request)

@@ -44,7 +44,8 @@ from opentelemetry.trace import Span, Status, StatusCode
 from ..config import TracingConfig
 from ..errors import FAILURES
 from ..exchange import Exchange, ExchangeObserver, Side
-from .native_spans import ClientSpans, ServerSpans
+from ..upstreams.attempt import resends_of
+from .native_spans import RESEND_COUNT_ATTRIBUTE, ClientSpans, ServerSpans
 
 log = logging.getLogger("relay.tracing")
 
@@ -135,6 +136,9 @@ class Tracing:
         async def name_upstream(span: Span, request: Any) -> None:
             if span.is_recording():
                 span.set_attribute(UPSTREAM_ATTRIBUTE, upstream)
+                resends = resends_of(request.extensions)
+                if resends:
+                    span.set_attribute(RESEND_COUNT_ATTRIBUTE, resends)
 
         traced = AsyncOpenTelemetryTransport(
             inner,
@@ -222,6 +226,22 @@ class TracingObserver(ExchangeObserver):
     def finished(self, exchange: Exchange) -> None:
         if not exchange.traced:
             self._record(exchange)
+
+    def retrying(self, exchange: Exchange) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(
+                "retry",
+                {
+                    "relay.retry.reason": exchange.retry_reason or "",
+                    RESEND_COUNT_ATTRIBUTE: exchange.retries,
+                },
+            )
+
+    def retry_denied(self, exchange: Exchange) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("retry_budget_exhausted", {RESEND_COUNT_ATTRIBUTE: exchange.retries})
 
     def _record(self, exchange: Exchange) -> None:
         span = trace.get_current_span()

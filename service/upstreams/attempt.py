@@ -4,8 +4,8 @@ fresh connection) and the interface of a pool."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import ClassVar
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar
 
 import httpx
 
@@ -15,14 +15,23 @@ ATTEMPT_EXTENSION = "relay.attempt"
 class AttemptInfo:
     """Per-attempt facts a transport reports back to the retry policy."""
 
-    __slots__ = ("fresh", "reused")
+    __slots__ = ("fresh", "resends", "reused")
 
     def __init__(self) -> None:
         self.reused = False
+        # How many times this request was sent before (http.request.resend_count).
+        self.resends = 0
         # Set for the stale keep-alive retry: any other pooled connection may be just as
         # stale (an upstream that drops its idle connections drops them all), so the retry
         # must go out on a new one.
         self.fresh = False
+
+
+def resends_of(extensions: Mapping[str, Any] | None) -> int:
+    """How many times the request of these extensions was sent before this attempt (0 for
+    a first attempt): its span's ``http.request.resend_count``."""
+    info = extensions.get(ATTEMPT_EXTENSION) if extensions else None
+    return info.resends if isinstance(info, AttemptInfo) else 0
 
 
 def attempt_of(request: httpx.Request) -> AttemptInfo:

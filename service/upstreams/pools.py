@@ -45,7 +45,7 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 class PoolObserver(Protocol):
     def pool_wait(self, upstream: str, seconds: float) -> None: ...
     def pool_timeout(self, upstream: str) -> None: ...
-    # A stale keep-alive retry (counted by upstream: any method retried is idempotent).
+    # A stale keep-alive retry (any method retried is idempotent).
     def retry(self, upstream: str) -> None: ...
 
 
@@ -215,6 +215,7 @@ class GatedTransport(httpx.AsyncBaseTransport):
             self._observer.retry(self.name)
             info = attempt_of(request)
             info.fresh, info.reused = True, False
+            info.resends += 1
             return await self._attempt(request, lease)
 
     async def _attempt(self, request: httpx.Request, lease: _Lease) -> httpx.Response:
