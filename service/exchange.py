@@ -53,6 +53,7 @@ class Exchange:
     user_agent: str | None = None  # at most USER_AGENT_CHARS
     http_version: str | None = None  # "1.1", "1.0"
     upstream_status: int | None = None  # the status the upstream answered with, if it did
+    upstream_addr: str | None = None  # the endpoint (host:port) the request went to
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started

@@ -248,8 +248,11 @@ class Forwarding:
     async def send_upstream(self) -> httpx.Response | None:
         """The upstream's response, or None when the exchange ended before it: the client
         went, or the proxy answered with its own error."""
+        request: httpx.Request | None = None
         try:
-            response = await self.upstream.send(self._request())
+            request = self._request()
+            response = await self.upstream.send(request)
+            self.exchange.upstream_addr = self.upstream.address_of(request)
             self.exchange.upstream_status = response.status_code
             if not 200 <= response.status_code <= 599:
                 # Not a final status the proxy can forward (e.g. 101 to a request whose
@@ -263,6 +266,8 @@ class Forwarding:
             # Raised by the body reader inside the upstream request, which it aborts.
             await self.fail(Reason.BODY_TOO_LARGE)
         except UPSTREAM_ERRORS as exc:
+            if request is not None:
+                self.exchange.upstream_addr = self.upstream.address_of(request)
             reason = self._failed(exc)
             log.debug("upstream %s failed before headers: %s (%r)", self.upstream.name, reason, exc)
             await self.fail(reason, tls_error_type(exc) if reason is Reason.TLS else None)

@@ -29,7 +29,7 @@ def layer(module: str) -> str:
 ALLOWED = {
     "vocabulary": {"vocabulary"},
     "upstreams": {"vocabulary"},
-    "telemetry": {"vocabulary", "service.upstreams.pools"},
+    "telemetry": {"vocabulary", "service.upstreams.pools", "service.upstreams.endpoints"},
     "core": {"vocabulary", "upstreams", "telemetry"},
     "server": {"vocabulary", "upstreams", "telemetry", "core"},
     "entry point": {"vocabulary", "core", "server", "telemetry"},

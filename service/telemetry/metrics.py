@@ -34,6 +34,7 @@ from .. import __version__
 from ..errors import CLIENT_REASONS, Reason
 from ..exchange import Exchange, ExchangeObserver, Phase, Side
 from ..upstreams.pools import PoolSnapshot
+from .endpoint_metrics import EndpointCountSource, EndpointMetrics
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
 from .zeros import Exposition, ZeroSeries
@@ -147,6 +148,7 @@ class Metrics(ExchangeObserver):
         snapshots: Callable[[], Iterable[PoolSnapshot]] = tuple,
         exemplar: ExemplarSource | None = None,
         pod: PodTable | None = None,
+        endpoint_counts: EndpointCountSource = tuple,
     ) -> None:
         # ``*_created`` series double the series count and no dashboard or alert uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -163,6 +165,9 @@ class Metrics(ExchangeObserver):
         self._define_sli()
         self._define_build_info()
         self._define_pool_gauges()
+        self.endpoints = EndpointMetrics(
+            self.registry, self._zeros, endpoint_counts, multiprocess=self.multiprocess
+        )
         self._register_process_metrics(pod)
 
     # -- families --------------------------------------------------------------------------
@@ -355,6 +360,7 @@ class Metrics(ExchangeObserver):
         """Copy pool snapshots into live gauges (multiprocess mode's periodic sampler)."""
         if not self.multiprocess:
             return
+        self.endpoints.sample()
         for name, labels, value in pool_samples(self._snapshots()):
             self._pool_gauges[name].labels(*labels).set(value)
 
