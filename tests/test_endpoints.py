@@ -13,8 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.trace import SpanKind
 
 from service.config import ConfigError, OutlierConfig, load_settings
+from service.telemetry.tracing import Instrumentation
 from service.upstreams.aiohttp_pool import AiohttpTransport
 from service.upstreams.balance import BalancingTransport
 from service.upstreams.endpoints import Endpoint, EndpointSet, NullEndpointObserver
@@ -32,6 +34,7 @@ from tests.support.metrics import metric
 from tests.support.net import eventually
 from tests.support.relays import pool_settled, run_relay
 from tests.support.scripted import delayed, echo, respond
+from tests.support.tracing import in_memory
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -366,3 +369,34 @@ async def test_clients_hanging_up_leave_every_endpoint_pool_idle(transport: str)
             await eventually(lambda: pool_settled(relay))
             await eventually(lambda: all(e.in_flight == 0 for e in balancer.endpoints))
             assert up.snapshot().in_use == 0
+
+
+@pytest.mark.parametrize("mode", ["stock", "native"])
+async def test_client_spans_name_the_endpoint_of_each_attempt(mode: Instrumentation) -> None:
+    tracing, exporter = in_memory(mode)
+    async with pods(HANDLERS, HOSTS_2) as running:
+        down, up = running
+        await down.stop()
+        config = balanced_upstream(
+            "http://api.example:8080",
+            balance="round_robin",
+            endpoints=endpoints_of(running),
+            pool=NO_KEEPALIVE,
+        )
+        async with run_relay(config, tracing=tracing) as relay:
+            # Round robin starts on the second endpoint: the first request goes to the
+            # stopped one on the second turn.
+            assert await get_many(relay.url, 2) == [200, 200]
+            await eventually(lambda: len(by_kind(exporter.get_finished_spans())) == 3)
+    attempts = [
+        (span.attributes["server.address"], span.attributes["server.port"])
+        for span in by_kind(exporter.get_finished_spans())
+        if span.attributes is not None
+    ]
+    assert sorted(attempts) == sorted(
+        [(up.host, up.port), (down.host, down.port), (up.host, up.port)]
+    )
+
+
+def by_kind(spans: Any) -> list[Any]:
+    return [span for span in spans if span.kind is SpanKind.CLIENT]

@@ -15,14 +15,15 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
 from ..config import UpstreamConfig
 from ..errors import NoHealthyEndpoint, Reason, StaleConnectionError, classify
 from .attempt import PoolTransport, WrappedStream
+from .discovery import DnsDiscovery
 from .endpoints import CONNECT, RESET, STATUS, Endpoint, EndpointObserver, EndpointSet
+from .health import HealthChecker
 from .outlier import FAILING_STATUSES, OutlierDetector
 
 log = logging.getLogger("relay.upstreams")
@@ -86,20 +87,26 @@ class BalancingTransport(PoolTransport):
         # url's host is the TLS server name whatever address is connected to.
         self._sni = url.host if self._scheme == "https" else None
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: list[Callable[[], Any]] = []
+        port = url.port or (443 if url.scheme == "https" else 80)
+        self.discovery: DnsDiscovery | None = None
         if config.endpoints:
             self.endpoints.replace((e.host or "", e.port or 0) for e in config.endpoints)
-        elif config.discovery.mode == "none":
-            self.endpoints.replace([(url.host, url.port or (443 if url.scheme == "https" else 80))])
+        elif config.discovery.mode == "dns":
+            self.discovery = DnsDiscovery(
+                url.host, port, config.discovery, self.endpoints, observer
+            )
+        else:
+            self.endpoints.replace([(url.host, port)])
+        self.health: HealthChecker | None = None
+        if config.health_check.path is not None:
+            self.health = HealthChecker(
+                config.health_check, self.endpoints, url.netloc, self._sni, observer
+            )
 
     def _endpoint(self, host: str, port: int) -> Endpoint:
         pool = self._make_pool()
         send = pool if self._wrap is None else self._wrap(self.name, pool)
         return Endpoint(self._scheme, host, port, pool, send)
-
-    def add_background(self, run: Callable[[], Any]) -> None:
-        """A coroutine function run from ``__aenter__`` until ``aclose`` (discovery, checks)."""
-        self._background.append(run)
 
     # -- choice ------------------------------------------------------------------------
     def _pick(self, avoid: Endpoint | None = None) -> Endpoint | None:
@@ -177,8 +184,14 @@ class BalancingTransport(PoolTransport):
     async def __aenter__(self) -> BalancingTransport:
         for endpoint in self.endpoints:
             await endpoint.pool.__aenter__()
-        for run in self._background:
-            self._tasks.append(asyncio.get_running_loop().create_task(run()))
+        loop = asyncio.get_running_loop()
+        if self.discovery is not None:
+            # The first set before the first request (bounded by the resolver's lifetime);
+            # until a resolution works, requests are answered 503 no_healthy_endpoint.
+            await self.discovery.refresh()
+            self._tasks.append(loop.create_task(self.discovery.run()))
+        if self.health is not None:
+            self._tasks.append(loop.create_task(self.health.run()))
         return self
 
     async def aclose(self) -> None:
