@@ -38,6 +38,7 @@ from .client import UpstreamClient
 from .endpoints import EndpointCounts, EndpointObserver, NullEndpointObserver
 from .gate import Gate, GateTimeout
 from .httpcore_pool import HttpcoreTransport
+from .recycling import Recycling
 from .tls import TlsSource, server_name, upstream_tls
 
 TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
@@ -290,10 +291,16 @@ class Upstream:
         )
         tls = self.tls = upstream_tls(config)
         self._sni = server_name(config)  # sent as httpcore's extension; aiohttp's pool reads it
+        endpoint_observer = endpoint_observer or NullEndpointObserver()
+        recycling = Recycling.of(
+            config.pool, functools.partial(endpoint_observer.connection_recycled, name)
+        )
 
         def make_pool() -> PoolTransport:
             if config.transport == "aiohttp":
-                return AiohttpTransport(limits=limits, tls=tls, resolver=resolver)
+                return AiohttpTransport(
+                    limits=limits, tls=tls, resolver=resolver, recycling=recycling
+                )
             return HttpcoreTransport(limits=limits, tls=tls, trust_env=False)
 
         inner: PoolTransport
@@ -303,7 +310,7 @@ class Upstream:
         if config.balanced:
             cancel_safe = config.transport == "aiohttp"
             inner = self.balancer = balancer_class(cancel_safe)(
-                name, config, make_pool, endpoint_observer or NullEndpointObserver(), wrap
+                name, config, make_pool, endpoint_observer, wrap
             )
             wrap = None
         else:
