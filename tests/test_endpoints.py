@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 from opentelemetry.trace import SpanKind
 
 from service.config import ConfigError, OutlierConfig, load_settings
@@ -34,6 +35,7 @@ from tests.support.metrics import metric
 from tests.support.net import eventually
 from tests.support.relays import pool_settled, run_relay
 from tests.support.scripted import delayed, echo, respond
+from tests.support.tls import TlsUpstream, server_context
 from tests.support.tracing import in_memory
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
@@ -400,3 +402,24 @@ async def test_client_spans_name_the_endpoint_of_each_attempt(mode: Instrumentat
 
 def by_kind(spans: Any) -> list[Any]:
     return [span for span in spans if span.kind is SpanKind.CLIENT]
+
+
+async def test_tls_to_an_endpoint_address_names_the_url_host(
+    transport: str, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    server = TlsUpstream(server_context(ca.issue_cert("api.relay.test")))
+    async with server.running():
+        config = balanced_upstream(
+            f"https://api.relay.test:{server.port}",
+            transport=transport,
+            endpoints=[f"https://127.0.0.1:{server.port}"],
+            tls={"ca_file": str(ca_file)},
+        )
+        async with run_relay(config) as relay, http_client(timeout=5) as client:
+            response = await client.get(f"{relay.url}/x")
+            assert response.status_code == 200, response.text
+    # Connected to the address; SNI and the certificate's name are url's host.
+    assert server.sni == ["api.relay.test"]
