@@ -21,6 +21,7 @@ from service.telemetry.tracing import Instrumentation
 from service.upstreams.aiohttp_pool import AiohttpTransport
 from service.upstreams.balance import BalancingTransport
 from service.upstreams.endpoints import Endpoint, EndpointSet, NullEndpointObserver
+from service.upstreams.httpcore_compat import url_at
 from service.upstreams.outlier import OutlierDetector
 from tests.support.endpoints import (
     Pod,
@@ -423,3 +424,17 @@ async def test_tls_to_an_endpoint_address_names_the_url_host(
             assert response.status_code == 200, response.text
     # Connected to the address; SNI and the certificate's name are url's host.
     assert server.sni == ["api.relay.test"]
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "expected"),
+    [
+        ("10.0.0.7", 8080, "http://10.0.0.7:8080/base/a%20b?q=1&r=%2F"),
+        ("fd00::7", 8081, "http://[fd00::7]:8081/base/a%20b?q=1&r=%2F"),
+    ],
+)
+def test_url_at_changes_only_host_and_port(host: str, port: int, expected: str) -> None:
+    url = httpx.URL("http://api.example:8080/base/a%20b?q=1&r=%2F")
+    moved = url_at(url, host, port)
+    assert moved == httpx.URL(expected)
+    assert (moved.raw_path, moved.host, moved.port) == (url.raw_path, host, port)

@@ -24,6 +24,7 @@ from .attempt import PoolTransport, WrappedStream
 from .discovery import DnsDiscovery
 from .endpoints import CONNECT, RESET, STATUS, Endpoint, EndpointObserver, EndpointSet
 from .health import HealthChecker
+from .httpcore_compat import url_at
 from .outlier import FAILING_STATUSES, OutlierDetector
 
 log = logging.getLogger("relay.upstreams")
@@ -149,8 +150,7 @@ class BalancingTransport(PoolTransport):
             return await self._send(other, request)
 
     async def _send(self, endpoint: Endpoint, request: httpx.Request) -> httpx.Response:
-        # raw_path is the path and query as the proxy built them.
-        request.url = httpx.URL(endpoint.origin + request.url.raw_path.decode("ascii"))
+        request.url = url_at(request.url, endpoint.host, endpoint.port)
         extensions = request.extensions
         extensions[ENDPOINT_EXTENSION] = endpoint.address
         if self._sni is not None and "sni_hostname" not in extensions:

@@ -96,7 +96,7 @@ class Endpoint:
         pool: PoolTransport,
         send: httpx.AsyncBaseTransport,
     ) -> None:
-        self.host, self.port = host.strip("[]"), port
+        self.host, self.port = host.strip("[]").lower(), port
         self.address, self.origin = origin_of(scheme, self.host, port)
         self.pool = pool
         self.send = send
