@@ -169,3 +169,12 @@ async def test_no_address_at_start_answers_503_until_one_resolves(dns_server: Dn
                 break
             await asyncio.sleep(0.02)
         assert response.status_code == 200 and pod.hits == 1
+
+
+async def test_an_address_in_the_url_is_its_own_record(dns_server: DnsServer) -> None:
+    async with pods({"/ok": respond(200, b"ok")}, ("127.0.0.2",)) as (pod,):
+        config = discovered(dns_server, pod.port)
+        config["upstreams"]["up"]["url"] = f"http://{pod.address}"
+        async with run_relay(config) as relay:
+            assert await get_many(relay.url, 3) == [200] * 3
+        assert pod.hits == 3 and dns_server.queries == 0

@@ -13,6 +13,7 @@ failures, and each counted.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 import dns.asyncresolver
@@ -46,6 +47,12 @@ class DnsDiscovery:
         self._observer = observer
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._failing = False
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            self._literal = False
+        else:
+            self._literal = True
 
     def _resolver_now(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
@@ -63,6 +70,8 @@ class DnsDiscovery:
     async def addresses(self) -> list[str]:
         """Every address of the name now; raises ``dns.exception.DNSException`` (or
         ``LookupError`` for a name with no address) when it cannot be resolved."""
+        if self._literal:
+            return [self._host]  # an address already: nothing to ask
         resolver = self._resolver_now()
         answers = await asyncio.gather(
             *(self._records(resolver, kind) for kind in RECORD_TYPES), return_exceptions=True
