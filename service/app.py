@@ -150,7 +150,13 @@ class Relay:
     def _endpoint_counts(self) -> list[tuple[str, EndpointCounts]]:
         if self._upstreams is None:
             return []
-        return [(u.name, u.endpoint_counts()) for u in self._upstreams.values()]
+        # Only upstreams of many endpoints: one URL's single endpoint is always healthy,
+        # and 4 series for each of thousands of upstreams would say nothing.
+        return [
+            (u.name, u.balancer.endpoints.counts())
+            for u in self._upstreams.values()
+            if u.balancer is not None
+        ]
 
     def upstreams_view(self) -> dict[str, Any]:
         """Each upstream's endpoints (the admin ``/upstreams``); empty until the pools open."""

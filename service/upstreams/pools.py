@@ -35,7 +35,7 @@ from .aiohttp_pool import AiohttpTransport, SharedResolver
 from .attempt import PoolTransport, WrappedStream, attempt_of
 from .balance import ENDPOINT_EXTENSION, BalancingTransport, balancer_class
 from .client import UpstreamClient
-from .endpoints import EndpointCounts, EndpointObserver, NullEndpointObserver
+from .endpoints import EndpointObserver, NullEndpointObserver
 from .gate import Gate, GateTimeout
 from .httpcore_pool import HttpcoreTransport
 from .recycling import Recycling
@@ -394,11 +394,6 @@ class Upstream:
         else:
             view["endpoints"] = [e.view() for e in self.balancer.endpoints]
         return view
-
-    def endpoint_counts(self) -> EndpointCounts:
-        if self.balancer is None:
-            return EndpointCounts(healthy=1)
-        return self.balancer.endpoints.counts()
 
 
 class UpstreamSet:
