@@ -35,9 +35,10 @@ from tests.support.http import http_client
 from tests.support.metrics import exposition_async, metric
 from tests.support.net import eventually
 from tests.support.relays import pool_settled, run_relay
-from tests.support.scripted import delayed, echo, respond
+from tests.support.scripted import delayed, echo, hang, respond
 from tests.support.tls import TlsUpstream, server_context
 from tests.support.tracing import in_memory
+from tests.support.wire import raw_request
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -188,12 +189,15 @@ async def test_least_request_sends_fewer_to_a_slow_endpoint() -> None:
 
 
 # -- connect failures, ejection and return ---------------------------------------------
-async def test_a_connect_failure_is_tried_on_another_endpoint_for_any_method() -> None:
+async def test_a_connect_failure_is_tried_on_another_endpoint_for_any_method(
+    transport: str,
+) -> None:
     async with pods(HANDLERS, HOSTS_2) as running:
         down = running[1]
         await down.stop()
         config = balanced_upstream(
             "http://api.example:8080",
+            transport=transport,
             endpoints=endpoints_of(running),
             pool=NO_KEEPALIVE,
             # Never ejected here: every request may meet the stopped one first.
@@ -357,7 +361,7 @@ async def test_clients_hanging_up_leave_every_endpoint_pool_idle(transport: str)
         await writer.drain()
         await asyncio.sleep(5)
 
-    async with pods({**HANDLERS, "/slow": slow_body}) as running:
+    async with pods({**HANDLERS, "/slow": slow_body, "/hang": hang}) as running:
         config = balanced_upstream(
             "http://api.example:8080", transport=transport, endpoints=endpoints_of(running)
         )
@@ -374,6 +378,16 @@ async def test_clients_hanging_up_leave_every_endpoint_pool_idle(transport: str)
                     await response.aiter_raw().__anext__()
 
             await asyncio.gather(*(hang_up() for _ in range(9)))
+            # And before the response headers: the upstream never answers.
+
+            def all_arrived() -> bool:
+                return sum(r.path == "/hang" for p in running for r in p.server.seen) >= 6
+
+            waiting = [
+                asyncio.create_task(raw_request(relay.url, "/hang", hang_up_when=all_arrived))
+                for _ in range(6)
+            ]
+            await asyncio.gather(*waiting)
             await eventually(lambda: pool_settled(relay))
             await eventually(lambda: all(e.in_flight == 0 for e in balancer.endpoints))
             assert up.snapshot().in_use == 0
