@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -457,3 +460,38 @@ def test_url_at_changes_only_host_and_port(host: str, port: int, expected: str) 
     moved = url_at(url, host, port)
     assert moved == httpx.URL(expected)
     assert (moved.raw_path, moved.host, moved.port) == (url.raw_path, host, port)
+
+
+ENDPOINT_EXPOSITION = """
+import sys
+if sys.argv[1] == "multi":
+    from service.telemetry.multiproc import use_files_of
+    use_files_of("w0")
+from service.telemetry.metrics import Metrics
+from service.upstreams.endpoints import EndpointCounts
+counts = [("a", EndpointCounts(healthy=2, ejected=1)), ("b", EndpointCounts(draining=1))]
+metrics = Metrics(endpoint_counts=lambda: counts)
+metrics.sample_pools()  # the multiprocess sampler; nothing in one process
+body, _ = metrics.render(None)
+sys.stdout.write(body.decode())
+"""
+
+
+@pytest.mark.live
+def test_endpoint_gauge_is_the_same_with_one_process_and_with_several(tmp_path: Path) -> None:
+    def lines(mode: str, directory: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-c", ENDPOINT_EXPOSITION, mode],
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return [line for line in result.stdout.splitlines() if "relay_upstream_endpoints" in line]
+
+    single = lines("single", "")
+    several = lines("multi", str(tmp_path))
+    assert 'relay_upstream_endpoints{state="ejected",upstream="a"} 1.0' in single
+    assert len(single) == 2 + 8  # HELP, TYPE, four states of two upstreams
+    assert sorted(several) == sorted(single)
