@@ -21,7 +21,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
-from ..config import DiscoveryConfig, split_nameserver
+from ..config_endpoints import DiscoveryConfig, split_nameserver
 from .endpoints import EndpointObserver, EndpointSet
 
 log = logging.getLogger("relay.upstreams")

@@ -15,7 +15,7 @@ import logging
 import anyio
 import httpx
 
-from ..config import HealthCheckConfig
+from ..config_endpoints import HealthCheckConfig
 from .endpoints import Endpoint, EndpointObserver, EndpointSet
 
 log = logging.getLogger("relay.upstreams")

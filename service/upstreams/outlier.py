@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 
-from ..config import OutlierConfig
+from ..config_endpoints import OutlierConfig
 from .endpoints import Endpoint, EndpointObserver, EndpointSet
 
 log = logging.getLogger("relay.upstreams")
