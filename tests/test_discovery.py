@@ -73,7 +73,7 @@ async def test_endpoints_follow_the_dns_records(dns_server: DnsServer) -> None:
             assert {r.headers["host"] for r in third.server.seen} == {f"{NAME}:{first.port}"}
 
 
-async def test_a_removed_endpoint_drains(dns_server: DnsServer) -> None:
+async def test_a_removed_endpoint_drains(dns_server: DnsServer, transport: str) -> None:
     release = asyncio.Event()
 
     async def stream(request: Request, writer: Writer) -> None:
@@ -86,7 +86,8 @@ async def test_a_removed_endpoint_drains(dns_server: DnsServer) -> None:
     handlers = {"/ok": respond(200, b"ok"), "/stream": stream}
     async with pods(handlers, ("127.0.0.2", "127.0.0.3")) as (kept, removed):
         dns_server.records[NAME] = [kept.host, removed.host]
-        async with run_relay(discovered(dns_server, kept.port)) as relay:
+        config = discovered(dns_server, kept.port, transport=transport)
+        async with run_relay(config) as relay:
             async with http_client(timeout=10) as client:
 
                 async def download() -> tuple[int, bytes]:

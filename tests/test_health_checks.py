@@ -81,11 +81,12 @@ async def test_health_checks_flip_state_with_the_thresholds() -> None:
             assert (seen.path, seen.headers["host"]) == ("/healthz", "api.example:8080")
 
 
-async def test_every_endpoint_failing_answers_503_at_once() -> None:
+async def test_every_endpoint_failing_answers_503_at_once(transport: str) -> None:
     async with pods({"/ok": respond(200, b"ok")}, ("127.0.0.2",)) as (pod,):
         # No endpoints list: url's own host is the one endpoint, checked.
         config = balanced_upstream(
             f"http://{pod.address}",
+            transport=transport,
             health_check={"path": "/healthz", **CHECK, "unhealthy_threshold": 1},
         )
         async with run_relay(config) as relay, http_client(timeout=5) as client:
