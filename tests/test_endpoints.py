@@ -167,6 +167,12 @@ async def test_requests_spread_over_every_endpoint(transport: str, balance: str)
             assert isinstance(relay.relay.upstreams()["up"].transport.inner, BalancingTransport)
             assert await get_many(relay.url, 30, path="/ok", concurrency=3) == [200] * 30
             await eventually(lambda: pool_settled(relay))
+            # The admin view per endpoint and the pool gauges per upstream agree.
+            view = (await upstreams_view(relay.admin_url))["up"]
+            assert {e["address"] for e in view["endpoints"]} == {p.address for p in running}
+            idle = sum(e["pool"]["idle"] for e in view["endpoints"])
+            assert idle == await metric(relay, "relay_pool_connections", state="idle") > 0
+            assert await metric(relay, "relay_pool_connections", state="in_use") == 0
         hits = [pod.hits for pod in running]
         assert sum(hits) == 30
         if balance == "round_robin":
