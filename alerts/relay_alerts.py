@@ -351,6 +351,44 @@ def upstream_alerts(cfg: Config, scope: Scope) -> list[dict[str, Any]]:
     ]
 
 
+def endpoint_alerts(cfg: Config, scope: Scope) -> list[dict[str, Any]]:
+    """Upstreams that are many endpoints: each pod's view of them, by state."""
+    none, ejected = cfg.alerts["no_healthy_endpoint"], cfg.alerts["endpoints_ejected"]
+    healthy = series("relay_upstream_endpoints", scope.raw('state="healthy"'))
+    out = series("relay_upstream_endpoints", scope.raw('state="ejected"'))
+    active = series("relay_upstream_endpoints", scope.raw('state!="draining"'))
+    return [
+        alert(
+            cfg,
+            "RelayUpstreamNoHealthyEndpoint",
+            f"max by ({BY}) ({healthy}) == 0",
+            none["for"],
+            "critical",
+            "upstream",
+            "Upstream {{ $labels.upstream }} has no healthy endpoint",
+            "No relay pod has seen a healthy endpoint of upstream {{ $labels.upstream }} for "
+            f"{none['for']}: every endpoint is ejected, failing its health check or draining, "
+            "or discovery found none. Every request to it is answered 503 "
+            "(reason no_healthy_endpoint).",
+        ),
+        alert(
+            cfg,
+            "RelayUpstreamEndpointsEjected",
+            f"sum by ({BY}) ({out})\n  /\nsum by ({BY}) ({active})\n"
+            f"> {number(ejected['ratio'])}",
+            ejected["for"],
+            "warning",
+            "upstream",
+            "Most endpoints of upstream {{ $labels.upstream }} are ejected",
+            "{{ $value | humanizePercentage }} of the endpoints of upstream "
+            "{{ $labels.upstream }} (averaged over the relay pods) have been ejected by outlier "
+            f"detection, above {percent(ejected['ratio'])} for {ejected['for']}: the remaining "
+            "ones carry all of its traffic, and outlier.max_ejection_percent keeps the rest in "
+            "use even while they fail.",
+        ),
+    ]
+
+
 def groups(cfg: Config, scope: Scope) -> list[dict[str, Any]]:
     # Alerts sit after the series they read, in the same group: rules of a group are
     # evaluated in order, so each evaluation sees the ratios of the same instant (the
@@ -368,4 +406,5 @@ def groups(cfg: Config, scope: Scope) -> list[dict[str, Any]]:
         {"name": "relay-proxy", "rules": proxy_alerts(cfg, scope)},
         {"name": "relay-pool", "rules": pool_alerts(cfg, scope)},
         {"name": "relay-upstreams", "rules": upstream_alerts(cfg, scope)},
+        {"name": "relay-endpoints", "rules": endpoint_alerts(cfg, scope)},
     ]

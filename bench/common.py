@@ -238,6 +238,7 @@ def relay(
     env: Mapping[str, str | None] | None = None,
     source: Path = ROOT,
     instrumentation: str | None = None,
+    upstream: Mapping[str, Any] | None = None,
 ) -> Iterator[ServedRelay]:
     """Relay as its own process: one upstream, one route; 1 worker, access log off.
 
@@ -247,6 +248,7 @@ def relay(
     ``env`` is added last, so it can turn tracing on (e.g. ``OTEL_SDK_DISABLED=""`` and an
     ``OTEL_EXPORTER_OTLP_ENDPOINT``). With ``access_log`` the log level is INFO (access lines
     are INFO records) and stdout, where they go, is the file ``ServedRelay.log``.
+    ``upstream``: more fields of the upstream (endpoints, balance, ...).
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}")
@@ -264,6 +266,7 @@ def relay(
                         "max_keepalive_connections": max_connections,
                     },
                     "timeouts": {"pool": pool_timeout},
+                    **(upstream or {}),
                 }
             },
             "routes": [{"prefix": "/", "upstream": "up"}],

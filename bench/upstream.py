@@ -1,8 +1,9 @@
 """A tiny raw-asyncio HTTP/1.1 upstream for the leak benchmark (bench only, loopback).
 
-    python bench/upstream.py --port PORT [--delay 0.2]
+    python bench/upstream.py --port PORT [--delay 0.2] [--every 0] [--host 127.0.0.1]
 
-``GET /slow`` answers ``ok`` after ``--delay`` seconds, any other path at once. Keep-alive,
+``GET /slow`` answers ``ok`` after ``--delay`` seconds, any other path after ``--every``
+seconds (at once by default). Keep-alive,
 no request bodies. ``GET /stats`` answers JSON counters kept by the server itself: open
 connections, requests in flight, the most ever in flight at once, requests answered.
 ``GET /stats?reset`` also resets the high-water mark.
@@ -21,8 +22,9 @@ import signal
 
 
 class CountingUpstream:
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, every: float = 0.0) -> None:
         self.delay = delay
+        self.every = every
         self.open = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -55,6 +57,8 @@ class CountingUpstream:
                     try:
                         if target.startswith(b"/slow"):
                             await asyncio.sleep(self.delay)
+                        elif self.every:
+                            await asyncio.sleep(self.every)
                     finally:
                         self.in_flight -= 1
                     body = b"ok"
@@ -68,9 +72,9 @@ class CountingUpstream:
             writer.close()
 
 
-async def serve(port: int, delay: float) -> None:
-    upstream = CountingUpstream(delay)
-    server = await asyncio.start_server(upstream.handle, "127.0.0.1", port, backlog=1024)
+async def serve(port: int, delay: float, every: float = 0.0, host: str = "127.0.0.1") -> None:
+    upstream = CountingUpstream(delay, every)
+    server = await asyncio.start_server(upstream.handle, host, port, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -83,8 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay", type=float, default=0.2)
+    parser.add_argument("--every", type=float, default=0.0)
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.delay))
+    asyncio.run(serve(args.port, args.delay, args.every, args.host))
 
 
 if __name__ == "__main__":

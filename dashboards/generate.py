@@ -326,10 +326,30 @@ def pools() -> dict[str, Any]:
           "Attempts sent again: stale_connection (an idempotent request replayed after a reused "
           "connection was closed by the upstream) and the route retry policies' triggers.",
           links=[runbook("RelayUpstreamRetries")]),
+        # Each pod (each worker) sees the endpoints itself: the largest count any sees.
+        Panel("Endpoints by state", [Query(
+            f"max by (upstream, state) (relay_upstream_endpoints{{{UPSTREAM_SELECTOR}}})",
+            "{{upstream}} {{state}}")], "short",
+          "Endpoints of each upstream: healthy, ejected (outlier detection), unhealthy (failing "
+          "its health check), draining (gone from DNS, finishing its requests). Addresses: the "
+          "admin port's /upstreams.",
+          links=[runbook("RelayUpstreamNoHealthyEndpoint")]),
+        Panel("Endpoint ejections", [Query(
+            f"sum by (upstream, reason) (rate(relay_upstream_ejections_total"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
+            "{{upstream}} {{reason}}")], "ops",
+          "Endpoints ejected by outlier detection, by the failure that tipped it.",
+          links=[runbook("RelayUpstreamEndpointsEjected")]),
+        Panel("Recycled connections", [Query(
+            f"sum by (upstream, reason) (rate(relay_upstream_connections_recycled_total"
+            f"{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))",
+            "{{upstream}} {{reason}}")], "ops",
+          "Connections closed when idle for their age or request count "
+          "(pool.max_connection_age_seconds, max_requests_per_connection)."),
     ]  # fmt: skip
     return build_dashboard(
         "relay-pools", "Relay / Upstream pools",
-        "Connection pool saturation per upstream.", panels,
+        "Connection pool saturation and endpoints per upstream.", panels,
     )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
@@ -22,6 +23,7 @@ from .telemetry.logs import AccessLogObserver
 from .telemetry.metrics import Metrics
 from .telemetry.pod import WorkerSlot, WorkerState
 from .telemetry.tracing import Tracing, TracingObserver, current_exemplar
+from .upstreams.endpoints import EndpointCounts
 from .upstreams.pools import PoolSnapshot, UpstreamSet
 from .upstreams.tls import TlsSource, check_files, tls_settings
 
@@ -112,7 +114,9 @@ class Relay:
             self._snapshots,
             exemplar=current_exemplar if tracing else None,
             pod=slot.table if slot is not None else None,
+            endpoint_counts=self._endpoint_counts,
         )
+        self.metrics.endpoints.start_at_zero(settings.upstreams)
         self.metrics.start_at_zero(
             settings.upstreams,
             [(route.upstream, route.label) for route in settings.routes],
@@ -145,6 +149,23 @@ class Relay:
     def _snapshots(self) -> list[PoolSnapshot]:
         return self._upstreams.snapshots() if self._upstreams is not None else []
 
+    def _endpoint_counts(self) -> list[tuple[str, EndpointCounts]]:
+        if self._upstreams is None:
+            return []
+        # Only upstreams of many endpoints: one URL's single endpoint is always healthy,
+        # and 4 series for each of thousands of upstreams would say nothing.
+        return [
+            (u.name, u.balancer.endpoints.counts())
+            for u in self._upstreams.values()
+            if u.balancer is not None
+        ]
+
+    def upstreams_view(self) -> dict[str, Any]:
+        """Each upstream's endpoints (the admin ``/upstreams``); empty until the pools open."""
+        if self._upstreams is None:
+            return {}
+        return {u.name: u.endpoints_view() for u in self._upstreams.values()}
+
     def upstreams(self) -> UpstreamSet:
         if self._upstreams is None:
             raise RuntimeError("upstream pools are not open")
@@ -153,7 +174,9 @@ class Relay:
     @asynccontextmanager
     async def _lifespan(self, app: object) -> AsyncIterator[None]:
         wrap = self.tracing.wrap_transport if self.tracing is not None else None
-        upstreams = UpstreamSet(self.settings.upstreams, self.metrics, wrap)
+        upstreams = UpstreamSet(
+            self.settings.upstreams, self.metrics, wrap, endpoint_observer=self.metrics.endpoints
+        )
         await upstreams.open()
         self._upstreams = upstreams
         self.health.ready = True

@@ -31,6 +31,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .config_endpoints import (
+    DiscoveryConfig,
+    HealthCheckConfig,
+    OutlierConfig,
+    check_endpoints,
+)
 from .config_errors import env_overrides, format_validation_error
 from .retry_config import RetryConfig
 from .route_index import Conflict, find_conflict
@@ -61,6 +67,11 @@ class PoolConfig(_Strict):
     # Requests that may wait for a free connection; beyond, 503 at once rather than a wait
     # that would end in a pool timeout anyway (0: no queue; null: unbounded).
     max_waiting: Annotated[int, Field(ge=0)] | None = 1000
+    # Recycling (README, *Endpoints*): a connection that has lived this long, or carried
+    # this many requests, is closed when it comes back idle instead of being pooled, so a
+    # Service address re-balances over the pods behind it. null: never.
+    max_connection_age_seconds: Seconds | None = None
+    max_requests_per_connection: Annotated[int, Field(ge=1)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -124,6 +135,13 @@ class TlsConfig(_Strict):
 
 class UpstreamConfig(_Strict):
     url: AnyHttpUrl
+    # Static base URLs (scheme, host and port) to connect to instead of url's host; url's
+    # host stays the Host header and the TLS server name.
+    endpoints: list[AnyHttpUrl] = []
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    balance: Literal["least_request", "round_robin"] = "least_request"
+    outlier: OutlierConfig = OutlierConfig()
+    health_check: HealthCheckConfig = HealthCheckConfig()
     transport: Literal["aiohttp", "httpcore"] = "aiohttp"
     preserve_host: bool = False
     # Deprecated: tls.verify (a warning at start; both given and different is an error).
@@ -145,6 +163,25 @@ class UpstreamConfig(_Strict):
         # Frozen model: the alias is folded into tls once, here.
         object.__setattr__(self, "tls", self.tls.model_copy(update={"verify": old}))
         return self
+
+    @model_validator(mode="after")
+    def _endpoints_consistent(self) -> UpstreamConfig:
+        check_endpoints(self.url, self.endpoints, self.discovery)
+        if self.transport != "aiohttp":
+            recycling = ("max_connection_age_seconds", "max_requests_per_connection")
+            for field in recycling:
+                if getattr(self.pool, field) is not None:
+                    raise ValueError(f"pool.{field}: needs transport: aiohttp")
+        return self
+
+    @property
+    def balanced(self) -> bool:
+        """Whether requests go through the endpoint set (else: one pool on url's host)."""
+        return (
+            bool(self.endpoints)
+            or self.discovery.mode != "none"
+            or self.health_check.path is not None
+        )
 
     @field_validator("url", mode="before")
     @classmethod

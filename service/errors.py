@@ -35,6 +35,7 @@ class Reason(StrEnum):
     SHUTDOWN = "shutdown"
     OVERLOADED = "overloaded"
     REQUEST_TIMEOUT = "request_timeout"
+    NO_HEALTHY_ENDPOINT = "no_healthy_endpoint"
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ FAILURES: dict[Reason, Failure] = {
     Reason.OVERLOADED: Failure(
         503, "proxy_internal_response", "proxy at its limit of concurrent requests"
     ),
+    # Every endpoint of the upstream is ejected, failing its health check or draining.
+    Reason.NO_HEALTHY_ENDPOINT: Failure(
+        503, "destination_unavailable", "no healthy upstream endpoint"
+    ),
 }
 
 
@@ -113,6 +118,10 @@ class StaleConnectionError(httpx.RemoteProtocolError):
     Raised by the transports so the retry policy can tell this race (safe to retry for an
     idempotent, bodiless request) from a fresh connection being reset (not retried).
     """
+
+
+class NoHealthyEndpoint(httpx.TransportError):
+    """The upstream has no endpoint a request may go to: answered 503 at once."""
 
 
 class BodyTooLarge(Exception):
@@ -164,6 +173,8 @@ def classify(exc: BaseException) -> Reason:
         return Reason.RESET  # the connection ended inside TLS
     if isinstance(exc, httpx.PoolTimeout):
         return Reason.POOL_TIMEOUT
+    if isinstance(exc, NoHealthyEndpoint):
+        return Reason.NO_HEALTHY_ENDPOINT
     if isinstance(exc, httpx.ConnectTimeout):
         return Reason.CONNECT_TIMEOUT
     if isinstance(exc, httpx.ReadTimeout):
@@ -197,7 +208,9 @@ def proxy_status(
 
 
 # Answers that tell the client to come back: the pool or the worker is full for now.
-RETRY_LATER: frozenset[Reason] = frozenset({Reason.POOL_TIMEOUT, Reason.OVERLOADED})
+RETRY_LATER: frozenset[Reason] = frozenset(
+    {Reason.POOL_TIMEOUT, Reason.OVERLOADED, Reason.NO_HEALTHY_ENDPOINT}
+)
 # Answers after which the connection closes. Too large: the rest of the body stays unread, so
 # the connection cannot carry another request. Overloaded: a connection fewer is what the
 # worker needs.

@@ -55,6 +55,7 @@ class Exchange:
     upstream_status: int | None = None  # the status the upstream answered with, if it did
     retries: int = 0  # attempts sent again under the route's retry policy
     retry_reason: str | None = None  # why the latest was (a reason of relay_upstream_retries)
+    upstream_addr: str | None = None  # the endpoint (host:port) the request went to
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started

@@ -200,6 +200,7 @@ class Forwarding:
         self.upstream = upstream
         self.channel = ClientChannel(receive, exchange, hop.max_body)
         self.request_id = hop.request_id_field(exchange)  # the field, both ways
+        self._sent: httpx.Request | None = None  # the latest attempt built
         self.policy = policy
 
     async def run(self) -> None:
@@ -269,7 +270,9 @@ class Forwarding:
         """The upstream request of one attempt: every attempt of a retried request is built
         here too, so whatever a request gets, each attempt gets (the route's timeouts)."""
         timeouts = self.policy.timeouts if self.policy is not None else None
-        return self.upstream.request(method, target, headers, body, timeouts)
+        request = self.upstream.request(method, target, headers, body, timeouts)
+        self._sent = request  # the latest attempt: its endpoint is the log's upstream_addr
+        return request
 
     def _parts(
         self,
@@ -318,6 +321,7 @@ class Forwarding:
                 build = functools.partial(self._build, method, target, headers)
                 retrying = Retrying(plan, self.upstream, self.exchange, self.hop.observer)
                 response = await retrying.send(method, body, build)
+            self.exchange.upstream_addr = self.upstream.address_of(response.request)
             self.exchange.upstream_status = response.status_code
             if not 200 <= response.status_code <= 599:
                 # Not a final status the proxy can forward (e.g. 101 to a request whose
@@ -331,6 +335,8 @@ class Forwarding:
             # Raised by the body reader inside the upstream request, which it aborts.
             await self.fail(Reason.BODY_TOO_LARGE)
         except UPSTREAM_ERRORS as exc:
+            if self._sent is not None:
+                self.exchange.upstream_addr = self.upstream.address_of(self._sent)
             reason = self._failed(exc)
             log.debug("upstream %s failed before headers: %s (%r)", self.upstream.name, reason, exc)
             await self.fail(reason, tls_error_type(exc) if reason is Reason.TLS else None)

@@ -28,6 +28,7 @@ from service.exchange import Phase, Side
 from service.retries import RETRY_REASONS
 from service.retry_config import STALE_CONNECTION
 from service.telemetry.metrics import LATENCY_BUCKETS, Metrics
+from service.upstreams.endpoints import State
 from tests.support.net import kill
 from tests.support.rules import (
     KUBE_STATE_METRICS,
@@ -165,6 +166,7 @@ def test_unit_test_files_exist() -> None:
         "pool.yaml",
         "proxy.yaml",
         "upstreams.yaml",
+        "endpoints.yaml",
         "recording.yaml",
     }
 
@@ -367,7 +369,8 @@ def test_rules_use_only_metrics_and_label_values_relay_exposes() -> None:
         assert used <= known, f"unknown metrics: {used - known}"
         assert set(re.findall(r'side="(\w+)"', exprs)) <= {side.value for side in Side}
         assert set(re.findall(r'phase="(\w+)"', exprs)) <= {phase.value for phase in Phase}
-        assert set(re.findall(r'state="(\w+)"', exprs)) <= {"in_use", "idle"}
+        endpoint_states = {state.value for state in State}
+        assert set(re.findall(r'state!?="(\w+)"', exprs)) <= {"in_use", "idle"} | endpoint_states
         reasons = {
             r for group in re.findall(r'reason=~?"([\w|]+)"', exprs) for r in group.split("|")
         }

@@ -10,7 +10,7 @@ from pathlib import Path
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 VOCABULARY = {"service", "service.config", "service.config_errors", "service.errors"}
 VOCABULARY |= {"service.exchange", "service.compat", "service.route_index"}
-VOCABULARY |= {"service.retry_config"}
+VOCABULARY |= {"service.retry_config", "service.config_endpoints"}
 CORE = {"service.app", "service.proxy", "service.forwarding", "service.routing"}
 CORE |= {"service.headers", "service.request_ids", "service.route_policy"}
 CORE |= {"service.retries"}
@@ -31,8 +31,14 @@ def layer(module: str) -> str:
 ALLOWED = {
     "vocabulary": {"vocabulary"},
     "upstreams": {"vocabulary"},
-    # The pool snapshots, and the attempt record (a client span's resend count).
-    "telemetry": {"vocabulary", "service.upstreams.pools", "service.upstreams.attempt"},
+    # The pool snapshots and endpoint states, and the attempt record (a client span's
+    # resend count).
+    "telemetry": {
+        "vocabulary",
+        "service.upstreams.pools",
+        "service.upstreams.attempt",
+        "service.upstreams.endpoints",
+    },
     "core": {"vocabulary", "upstreams", "telemetry"},
     "server": {"vocabulary", "upstreams", "telemetry", "core"},
     "entry point": {"vocabulary", "core", "server", "telemetry"},

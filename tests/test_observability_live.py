@@ -95,10 +95,18 @@ def faulty_config(upstream: ScriptedUpstream) -> dict[str, Any]:
                 "timeouts": {"pool": 0.3},
             },
             "dead": {"url": f"http://127.0.0.1:{closed_port()}"},
+            # Many endpoints (one refusing), recycled connections: the endpoint panels.
+            "pods": {
+                "url": upstream.url,
+                "endpoints": [upstream.url, f"http://127.0.0.1:{closed_port()}"],
+                "pool": {"max_requests_per_connection": 2},
+                "outlier": {"consecutive_failures": 1},
+            },
         },
         "routes": [
             {"prefix": "/tight", "upstream": "tight", "strip_prefix": True},
             {"prefix": "/dead", "upstream": "dead"},
+            {"prefix": "/pods", "upstream": "pods", "strip_prefix": True},
             *({"prefix": path, "upstream": "api"} for path in upstream.handlers),
         ],
     }
@@ -124,6 +132,10 @@ async def drive_faults(url: str, upstream: ScriptedUpstream, rounds: int) -> Non
             await client.get("/slow")
             # Refused connections, enough of them for the connect-failure floor (0.1/s).
             await asyncio.gather(*(client.get("/dead/x") for _ in range(5)))
+            # Many endpoints: one refuses (ejected, the request tried on the other), and
+            # connections closed after two requests.
+            for _ in range(4):
+                await client.get("/pods/ok")
             await client.get("/nowhere")  # no route
             with contextlib.suppress(httpx.HTTPError):
                 await client.get("/reset")
@@ -162,7 +174,7 @@ async def one_worker(tmp_path: Path) -> AsyncIterator[Target]:
     async with faulty_relay() as (relay, upstream):
         yield Target(
             admin=relay.admin_url.removeprefix("http://"),
-            upstreams="api|tight|dead",
+            upstreams="api|tight|dead|pods",
             drive=lambda: drive_faults(relay.url, upstream, rounds=1),
         )
 
@@ -191,7 +203,7 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[Target]:
         try:
             yield Target(
                 admin=relay.admin_url.removeprefix("http://"),
-                upstreams="api|tight|dead",
+                upstreams="api|tight|dead|pods",
                 drive=lambda: drive_faults(relay.url, upstream, rounds=1),
                 settle=lambda prom: kill_a_worker(relay, prom),
             )

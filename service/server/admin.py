@@ -1,13 +1,16 @@
-"""The admin listener: liveness, readiness and metrics, on a port of its own.
+"""The admin listener: liveness, readiness, metrics and the upstreams' endpoints, on a port
+of its own.
 
 Kept off the proxy port so that upstream paths such as ``/metrics`` or ``/healthz`` still
 reach the upstream.
 
-``/healthz`` is this process's liveness. ``/readyz`` is the pod's readiness: with several
-workers any of them may take the probe, so each answers for the pod (telemetry/pod.py). ``/metrics``
-with several workers merges every worker's files: that runs in a thread, never on the loop
-that serves proxy traffic, with at most ``MAX_SCRAPES`` at once and ``MAX_WAITING_SCRAPES``
-queued behind them (more are answered 503 at once rather than piling up threads' work).
+``/upstreams`` is this worker's view of each upstream's endpoints (JSON: address, state,
+in flight, pool, failures, ejection). ``/healthz`` is this process's liveness. ``/readyz``
+is the pod's readiness: with several workers any of them may take the probe, so each
+answers for the pod (telemetry/pod.py). ``/metrics`` with several workers merges every
+worker's files: that runs in a thread, never on the loop that serves proxy traffic, with at
+most ``MAX_SCRAPES`` at once and ``MAX_WAITING_SCRAPES`` queued behind them (more are
+answered 503 at once rather than piling up threads' work).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 
 import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..app import Relay
 
@@ -67,6 +70,11 @@ def create_admin_app(relay: Relay) -> FastAPI:
     async def readyz() -> PlainTextResponse:
         ready, word = health.readiness()
         return PlainTextResponse(f"{word}\n", status_code=200 if ready else 503)
+
+    @app.get("/upstreams")
+    async def upstreams() -> JSONResponse:
+        # This worker's view: with several workers, each has its own endpoint states.
+        return JSONResponse(relay.upstreams_view())
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -208,6 +208,7 @@ def access_fields(exchange: Exchange) -> dict[str, Any]:
         "response_bytes": exchange.response_bytes,
         "upstream_status": exchange.upstream_status_if_changed,
         "retries": exchange.retries or None,
+        "upstream_addr": exchange.upstream_addr,
         "request_id": exchange.request_id,
         "client_addr": exchange.client_addr,
         "peer_addr": exchange.peer_addr,

@@ -35,6 +35,7 @@ from ..errors import CLIENT_REASONS, Reason
 from ..exchange import Exchange, ExchangeObserver, Phase, Side
 from ..retry_config import STALE_CONNECTION
 from ..upstreams.pools import PoolSnapshot
+from .endpoint_metrics import EndpointCountSource, EndpointMetrics
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
 from .prometheus_compat import legacy_names_as_is
@@ -150,6 +151,7 @@ class Metrics(ExchangeObserver):
         snapshots: Callable[[], Iterable[PoolSnapshot]] = tuple,
         exemplar: ExemplarSource | None = None,
         pod: PodTable | None = None,
+        endpoint_counts: EndpointCountSource = tuple,
     ) -> None:
         # ``*_created`` series double the series count and no dashboard or alert uses them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -166,6 +168,9 @@ class Metrics(ExchangeObserver):
         self._define_sli()
         self._define_build_info()
         self._define_pool_gauges()
+        self.endpoints = EndpointMetrics(
+            self.registry, self._zeros, endpoint_counts, multiprocess=self.multiprocess
+        )
         self._register_process_metrics(pod)
 
     # -- families --------------------------------------------------------------------------
@@ -376,6 +381,7 @@ class Metrics(ExchangeObserver):
         """Copy pool snapshots into live gauges (multiprocess mode's periodic sampler)."""
         if not self.multiprocess:
             return
+        self.endpoints.sample()
         for name, labels, value in pool_samples(self._snapshots()):
             self._pool_gauges[name].labels(*labels).set(value)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +30,7 @@ from yarl import URL
 from ..errors import StaleConnectionError
 from .aiohttp_compat import HookedConnector, disable_silent_retry, payload_of
 from .attempt import AttemptInfo, PoolTransport, attempt_of
+from .recycling import Recycling
 from .tls import TlsSource, as_source
 
 # aiohttp adds these when absent; a proxy must send only what the client sent.
@@ -155,8 +157,14 @@ class _ResponseHandler(ResponseHandler):
     # Content-Length) and hand them to the next request as its response.
     pooled = False
 
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.born = time.monotonic()  # and requests served: for recycling.py
+        self.served = 0
+
     def set_response_params(self, **kwargs: Any) -> None:
         self.pooled = False
+        self.served += 1
         super().set_response_params(**kwargs)
 
     def data_received(self, data: bytes) -> None:
@@ -170,10 +178,11 @@ class _ResponseHandler(ResponseHandler):
 
 
 class _Connector(HookedConnector):
-    def __init__(self, *, max_idle: int | None, **kwargs: Any) -> None:
+    def __init__(self, *, max_idle: int | None, recycling: Recycling | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.make_protocols_with(_ResponseHandler)
         self._max_idle = max_idle
+        self._recycling = recycling
 
     def give_back(
         self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False
@@ -183,6 +192,12 @@ class _Connector(HookedConnector):
         if self._max_idle is not None and not should_close:
             should_close = self.idle_count() >= self._max_idle
         if isinstance(protocol, _ResponseHandler):
+            recycling = self._recycling
+            if recycling is not None and not should_close:
+                reason = recycling.due(protocol.born, protocol.served)
+                if reason is not None:
+                    should_close = True
+                    recycling.recycled(reason)
             protocol.pooled = not should_close
         super().give_back(key, protocol, should_close=should_close)
 
@@ -191,9 +206,21 @@ class _Connector(HookedConnector):
         if info is not None and info.fresh:
             return None  # aiohttp then opens a new connection
         connection = await super().take_idle(key, traces)
+        while connection is not None and self._expired(connection):
+            connection.close()  # aged while idle: closed rather than reused
+            connection = await super().take_idle(key, traces)
         if connection is not None and info is not None:
             info.reused = True
         return connection
+
+    def _expired(self, connection: Connection) -> bool:
+        recycling, protocol = self._recycling, connection.protocol
+        if recycling is None or not isinstance(protocol, _ResponseHandler):
+            return False
+        reason = recycling.due(protocol.born, protocol.served)
+        if reason is not None:
+            recycling.recycled(reason)
+        return reason is not None
 
 
 class _ClientRequest(aiohttp.ClientRequest):
@@ -269,11 +296,13 @@ class AiohttpTransport(PoolTransport):
         limits: httpx.Limits,
         tls: TlsSource | ssl.SSLContext,
         resolver: SharedResolver | None = None,
+        recycling: Recycling | None = None,
     ) -> None:
         """``tls``: the source of upstream connections' context (upstreams/tls.py), read for
         each request; ``resolver``: a resolver shared with other pools, else the pool has
-        one of its own."""
+        one of its own; ``recycling``: when connections close instead of being pooled."""
         self._limits = limits
+        self._recycling = recycling
         self._tls = as_source(tls)
         self._resolver = resolver
         self._session: aiohttp.ClientSession | None = None
@@ -281,6 +310,7 @@ class AiohttpTransport(PoolTransport):
     def _open(self) -> aiohttp.ClientSession:
         connector = _Connector(
             max_idle=self._limits.max_keepalive_connections,
+            recycling=self._recycling,
             limit=self._limits.max_connections or 0,
             limit_per_host=0,
             keepalive_timeout=self._limits.keepalive_expiry,

@@ -33,9 +33,12 @@ from ..config import UpstreamConfig
 from ..errors import StaleConnectionError
 from .aiohttp_pool import AiohttpTransport, SharedResolver
 from .attempt import PoolTransport, WrappedStream, attempt_of
+from .balance import ENDPOINT_EXTENSION, BalancingTransport, balancer_class
 from .client import UpstreamClient
+from .endpoints import EndpointObserver, NullEndpointObserver
 from .gate import Gate, GateTimeout
 from .httpcore_pool import HttpcoreTransport
+from .recycling import Recycling
 from .tls import TlsSource, server_name, upstream_tls
 
 TransportWrapper = Callable[[str, httpx.AsyncBaseTransport], httpx.AsyncBaseTransport]
@@ -269,6 +272,7 @@ class Upstream:
         observer: PoolObserver,
         wrap: TransportWrapper | None = None,
         resolver: SharedResolver | None = None,
+        endpoint_observer: EndpointObserver | None = None,
     ) -> None:
         """``resolver``: the DNS resolver its pool shares with other upstreams' (aiohttp)."""
         self.name = name
@@ -281,6 +285,8 @@ class Upstream:
         self._origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         self.base_path = url.raw_path.split(b"?", 1)[0].rstrip(b"/")
         self.authority: bytes = url.netloc
+        port = url.port or (443 if url.scheme == "https" else 80)
+        self._address = f"{url.raw_host.decode('ascii')}:{port}"
         limits = httpx.Limits(
             max_connections=config.pool.max_connections,
             max_keepalive_connections=config.pool.max_keepalive_connections,
@@ -288,11 +294,30 @@ class Upstream:
         )
         tls = self.tls = upstream_tls(config)
         self._sni = server_name(config)  # sent as httpcore's extension; aiohttp's pool reads it
+        endpoint_observer = endpoint_observer or NullEndpointObserver()
+        recycling = Recycling.of(
+            config.pool, functools.partial(endpoint_observer.connection_recycled, name)
+        )
+
+        def make_pool() -> PoolTransport:
+            if config.transport == "aiohttp":
+                return AiohttpTransport(
+                    limits=limits, tls=tls, resolver=resolver, recycling=recycling
+                )
+            return HttpcoreTransport(limits=limits, tls=tls, trust_env=False)
+
         inner: PoolTransport
-        if config.transport == "aiohttp":
-            inner = AiohttpTransport(limits=limits, tls=tls, resolver=resolver)
+        # Many endpoints: the balancer, with a pool (and client spans) per endpoint, below
+        # the one gate of the upstream (README, *Endpoints*); one: the pool itself.
+        self.balancer: BalancingTransport | None = None
+        if config.balanced:
+            cancel_safe = config.transport == "aiohttp"
+            inner = self.balancer = balancer_class(cancel_safe)(
+                name, config, make_pool, endpoint_observer, wrap
+            )
+            wrap = None
         else:
-            inner = HttpcoreTransport(limits=limits, tls=tls, trust_env=False)
+            inner = make_pool()
         self.transport = GatedTransport(
             name,
             inner,
@@ -347,6 +372,38 @@ class Upstream:
     def snapshot(self) -> PoolSnapshot:
         return self.transport.snapshot()
 
+    def address_of(self, request: httpx.Request) -> str | None:
+        """The endpoint ``request`` went to (the access log's ``upstream_addr``): url's
+        host and port for a single pool, None if no endpoint could be chosen."""
+        if self.balancer is None:
+            return self._address
+        address: str | None = request.extensions.get(ENDPOINT_EXTENSION)
+        return address
+
+    def endpoints_view(self) -> dict[str, Any]:
+        """This upstream's endpoints as the admin ``/upstreams`` shows them."""
+        config = self.config
+        view: dict[str, Any] = {
+            "url": str(config.url),
+            "balance": config.balance,
+            "discovery": config.discovery.mode,
+        }
+        if self.balancer is None:
+            snap = self.snapshot()
+            view["endpoints"] = [
+                {
+                    "address": self._address,
+                    "state": "healthy",
+                    "in_flight": snap.in_use,
+                    "pool": {"in_use": snap.in_use, "idle": snap.idle},
+                    "consecutive_failures": 0,
+                    "ejected_until": None,
+                }
+            ]
+        else:
+            view["endpoints"] = [e.view() for e in self.balancer.endpoints]
+        return view
+
 
 class UpstreamSet:
     """All upstream clients, opened together in the lifespan and closed together."""
@@ -356,11 +413,13 @@ class UpstreamSet:
         configs: Mapping[str, UpstreamConfig],
         observer: PoolObserver | None = None,
         wrap: TransportWrapper | None = None,
+        endpoint_observer: EndpointObserver | None = None,
     ) -> None:
         obs = observer or _NullObserver()
         self.resolver = SharedResolver()
         self._upstreams = {
-            name: Upstream(name, cfg, obs, wrap, self.resolver) for name, cfg in configs.items()
+            name: Upstream(name, cfg, obs, wrap, self.resolver, endpoint_observer)
+            for name, cfg in configs.items()
         }
 
     def __getitem__(self, name: str) -> Upstream:

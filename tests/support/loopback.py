@@ -22,18 +22,21 @@ class LoopbackServer:
     Subclasses are dataclasses with a ``port: int = 0`` field, set once ``running()``."""
 
     port: int
+    host = "127.0.0.1"  # any loopback address (127.0.0.0/8): several endpoints of one name
     backlog = 1024  # a burst of connections is never refused by the listener itself
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[Self]:
-        server = await asyncio.start_server(self.serve, "127.0.0.1", 0, backlog=self.backlog)
+    async def running(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Self]:
+        """Listening on ``host`` (a loopback address) and ``port`` (0: an ephemeral one)."""
+        server = await asyncio.start_server(self.serve, host, port, backlog=self.backlog)
+        self.host = host
         self.port = int(server.sockets[0].getsockname()[1])
         try:
             yield self
