@@ -189,7 +189,8 @@ def test_text_format_over_a_real_process(tmp_path: Path) -> None:
     assert re.fullmatch(
         r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO relay\.access GET /bytes/300 200 "
         r"\d+\.\dms route=demo upstream=demo outcome=ok headers_ms=\d+\.\d "
-        r"request_bytes=0 response_bytes=300 request_id=[0-9a-f]{32} client_addr=127\.0\.0\.1 "
+        r"request_bytes=0 response_bytes=300 upstream_addr=127\.0\.0\.1:\d+ "
+        r"request_id=[0-9a-f]{32} client_addr=127\.0\.0\.1 "
         r"peer_addr=127\.0\.0\.1 http_version=1\.1 user_agent=python-httpx/\S+",
         access[0],
     ), access[0]
