@@ -116,6 +116,7 @@ class Relay:
             settings.upstreams,
             [(route.upstream, route.label) for route in settings.routes],
             [name for name, config in settings.upstreams.items() if tls_settings(config).files()],
+            [(route.upstream, route.label) for route in settings.routes if route.websocket],
         )
         chain: list[ExchangeObserver] = [self.metrics]
         if settings.log.access_log:
@@ -123,7 +124,7 @@ class Relay:
         if tracing is not None:
             chain.append(TracingObserver())
         self.observers = Observers(chain)
-        self.proxy = Proxy(settings, self.upstreams, self.observers)
+        self.proxy = Proxy(settings, self.upstreams, self.observers, self.metrics.websocket)
         self.app = FastAPI(
             title="relay",
             openapi_url=None,  # no schema, docs or redoc routes: every path is proxied

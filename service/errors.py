@@ -33,6 +33,7 @@ class Reason(StrEnum):
     INTERNAL = "internal"
     SHUTDOWN = "shutdown"
     OVERLOADED = "overloaded"
+    WEBSOCKET_DISABLED = "websocket_disabled"
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,10 @@ FAILURES: dict[Reason, Failure] = {
     Reason.OVERLOADED: Failure(
         503, "proxy_internal_response", "proxy at its limit of concurrent requests"
     ),
+    # A WebSocket upgrade on a route with websocket: false.
+    Reason.WEBSOCKET_DISABLED: Failure(
+        403, "http_request_denied", "WebSocket upgrades are not proxied on this route"
+    ),
 }
 
 
@@ -87,6 +92,7 @@ CLIENT_REASONS: frozenset[Reason] = frozenset(
         Reason.URI_TOO_LONG,
         Reason.HEADERS_TOO_LARGE,
         Reason.BODY_TOO_LARGE,
+        Reason.WEBSOCKET_DISABLED,
     }
 )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .errors import FAILURES, Reason
+from .session import Session
 
 # Of a client's User-Agent, in logs: enough for any real one, bounded for a hostile one.
 USER_AGENT_CHARS = 256
@@ -25,6 +26,7 @@ class Side(StrEnum):
 class Phase(StrEnum):
     BEFORE_HEADERS = "before_headers"
     BODY = "body"
+    SESSION = "session"  # a WebSocket session, after its 101
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Exchange:
     user_agent: str | None = None  # at most USER_AGENT_CHARS
     http_version: str | None = None  # "1.1", "1.0"
     upstream_status: int | None = None  # the status the upstream answered with, if it did
+    websocket: Session | None = None  # a WebSocket handshake, and its session if one opened
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started
@@ -139,11 +142,14 @@ class ExchangeObserver:
     def failing(self, exchange: Exchange) -> None:
         """The proxy is about to answer with an error of its own (status and reason set)."""
 
+    def upgraded(self, exchange: Exchange) -> None:
+        """A WebSocket session opened: the client got the upstream's 101."""
+
     def finished(self, exchange: Exchange) -> None:
         """The exchange ended, whichever way."""
 
 
-_EVENTS = ("started", "headers", "failing", "finished")
+_EVENTS = ("started", "headers", "failing", "upgraded", "finished")
 
 
 def _each(hooks: tuple[Callable[[Exchange], None], ...]) -> Callable[[Exchange], None]:

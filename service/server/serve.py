@@ -33,7 +33,7 @@ from .admin import create_admin_app
 from .demo import create_demo_app
 from .listeners import EXIT_CANNOT_START, Listeners, bind_listeners
 from .protocol import RelayProtocol
-from .uvicorn_compat import UvicornServer
+from .uvicorn_compat import DrainSafeWebSocket, UvicornServer
 
 log = logging.getLogger("relay.server")
 
@@ -213,6 +213,11 @@ class Service:
                 http=RelayProtocol.configured(settings, self.relay),
                 limit_concurrency=server.limit_concurrency or None,
                 timeout_keep_alive=server.keepalive_timeout_seconds,
+                ws=DrainSafeWebSocket,
+                ws_max_size=settings.websocket.max_message_bytes,
+                # Each hop negotiates its own extensions (a message relay, see websocket.py):
+                # no compression on either, whose CPU cost a proxy pays twice.
+                ws_per_message_deflate=False,
             )
         )
         self.proxy_server.on_started = self._ready

@@ -36,6 +36,7 @@ from ..exchange import Exchange, ExchangeObserver, Phase, Side
 from ..upstreams.pools import PoolSnapshot
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
+from .websocket_metrics import SessionMetrics
 from .zeros import Exposition, ZeroSeries
 
 PREFIX = "relay"
@@ -162,6 +163,11 @@ class Metrics(ExchangeObserver):
         self._define_body_bytes()
         self._define_sli()
         self._define_build_info()
+        self.websocket = SessionMetrics(
+            self._counter,
+            lambda name, text, labels: self._gauge(name, text, labels, "livesum"),
+            self._histogram,
+        )
         self._define_pool_gauges()
         self._register_process_metrics(pod)
 
@@ -310,6 +316,7 @@ class Metrics(ExchangeObserver):
         upstreams: Iterable[str],
         routes: Iterable[tuple[str, str]],
         tls_files: Iterable[str] = (),
+        websocket_routes: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Expose the counter series of every configured upstream and route at 0 from the
         first scrape (zeros.py says why, and why at scrape time): per upstream, every failure
@@ -317,7 +324,8 @@ class Metrics(ExchangeObserver):
         flight; per route, failed and truncated requests. ``relay_requests_total`` (method
         and status code) and the histograms appear on first use: creating them for every
         method and code would multiply the series of each route by about 50. ``tls_files``:
-        the upstreams whose TLS files are watched (their reloads, by result).
+        the upstreams whose TLS files are watched (their reloads, by result);
+        ``websocket_routes``: the routes that proxy WebSockets (their sessions, by result).
         """
         names = list(upstreams)
         per_upstream = [(name,) for name in names]
@@ -334,6 +342,7 @@ class Metrics(ExchangeObserver):
         zero(self.truncated, UPSTREAM_ROUTE, pairs)
         reloads = [(u, result) for u in tls_files for result in TLS_RELOAD_RESULTS]
         zero(self.tls_reloads, TLS_RELOAD_LABELS, reloads)
+        self.websocket.start_at_zero(self._zeros, names, websocket_routes)
 
     # -- pool observer (called from the pool gate) --------------------------------------
     def pool_wait(self, upstream: str, seconds: float) -> None:
@@ -369,6 +378,12 @@ class Metrics(ExchangeObserver):
                 exchange.headers_seconds, exemplar=self._exemplar_now()
             )
 
+    def upgraded(self, exchange: Exchange) -> None:
+        # An open session is not a request in flight: relay_websocket_sessions counts it.
+        if exchange.upstream is not None:
+            self._in_flight(exchange.upstream).dec()
+        self.websocket.upgraded(exchange)
+
     def finished(self, exchange: Exchange) -> None:
         upstream = exchange.upstream or NO_UPSTREAM
         route = exchange.route or NO_UPSTREAM
@@ -376,11 +391,17 @@ class Metrics(ExchangeObserver):
         self._requests(upstream, route, fold_method(exchange.method), code).inc()
         if exchange.upstream is None:
             return
-        self._in_flight(upstream).dec()
-        if exchange.total_seconds is not None:
-            self._duration(upstream, route).observe(
-                exchange.total_seconds, exemplar=self._exemplar_now()
-            )
+        session = exchange.websocket
+        if session is not None:
+            self.websocket.finished(exchange, route)
+        if session is None or not session.opened:
+            # An open session left the in-flight gauge at its 101, and its length is the
+            # session duration's, not a request's.
+            self._in_flight(upstream).dec()
+            if exchange.total_seconds is not None:
+                self._duration(upstream, route).observe(
+                    exchange.total_seconds, exemplar=self._exemplar_now()
+                )
         if exchange.disconnect_side is not None and exchange.disconnect_phase is not None:
             self.disconnects.labels(
                 upstream, exchange.disconnect_side.value, exchange.disconnect_phase.value
