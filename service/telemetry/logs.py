@@ -181,9 +181,30 @@ class _ServerLifecycle(logging.Filter):
         return record.levelno > logging.INFO or record.msg not in self.MESSAGES
 
 
+class _WebSocketChatter(logging.Filter):
+    """Drop uvicorn's (and its ``websockets`` protocol's) INFO lines for each WebSocket
+    handshake and session: the access line says all of it, once per session, with the
+    route, the request id and the close code."""
+
+    MESSAGES = frozenset(
+        {
+            '%s - "WebSocket %s" [accepted]',
+            '%s - "WebSocket %s" 403',
+            '%s - "WebSocket %s" %d',
+            "connection open",
+            "connection closed",
+            "connection rejected (%d %s)",
+            "HTTP response sent (%d %s)",
+        }
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.msg not in self.MESSAGES
+
+
 def install_uvicorn_filters() -> None:
     logger = logging.getLogger("uvicorn.error")
-    for kind in (_DeliberateAbortFilter, _SheddingSummary, _ServerLifecycle):
+    for kind in (_DeliberateAbortFilter, _SheddingSummary, _ServerLifecycle, _WebSocketChatter):
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())
 
