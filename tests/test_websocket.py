@@ -15,8 +15,9 @@ from opentelemetry.trace import SpanKind
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from service.session import SessionResult
 from service.telemetry.tracing import Instrumentation
-from tests.support.metrics import metric, samples, value
+from tests.support.metrics import exposition_async, metric, samples, value
 from tests.support.net import eventually
 from tests.support.relays import RunningRelay, one_upstream, run_relay
 from tests.support.tracing import in_memory
@@ -468,3 +469,45 @@ async def test_one_server_span_per_session_with_its_close_code(
     assert attributes["relay.websocket.result"] == "client_closed"
     assert attributes["relay.websocket.messages_to_upstream"] == 3
     assert attributes["relay.upstream"] == "up"
+
+
+async def test_pings_are_answered_on_both_hops(no_error_logs: None) -> None:
+    async with proxied() as (_up, _relay, base), client(base + "/ping") as ws:
+        assert await ws.recv() == "pong received"  # the upstream's ping, answered by Relay
+        latency = await asyncio.wait_for(await ws.ping(b"client ping"), 5)
+        assert latency >= 0  # the client's ping, answered by Relay
+
+
+async def test_session_series_start_at_zero() -> None:
+    async with ws_upstream() as up:
+        config = {
+            "upstreams": {"up": {"url": up.url}},
+            "routes": [
+                {"name": "live", "prefix": "/live", "upstream": "up"},
+                {"name": "plain", "prefix": "/", "upstream": "up", "websocket": False},
+            ],
+        }
+        async with run_relay(config) as relay:
+            got = samples(await exposition_async(relay.admin_url))
+    assert value(got, "relay_websocket_sessions_active", upstream="up") == 0
+    for direction in ("to_upstream", "to_client"):
+        for family in ("relay_websocket_messages_total", "relay_websocket_bytes_total"):
+            key = (family, frozenset({("upstream", "up"), ("direction", direction)}))
+            assert got.get(key) == 0, key
+    for side in ("client", "upstream"):
+        key = (
+            "relay_disconnects_total",
+            frozenset({("upstream", "up"), ("side", side), ("phase", "session")}),
+        )
+        assert got.get(key) == 0, key
+    results = {
+        dict(labels)["result"]
+        for name, labels in got
+        if name == "relay_websocket_sessions_total" and dict(labels)["route"] == "live"
+    }
+    assert results == {r.value for r in SessionResult}
+    assert not [
+        labels
+        for name, labels in got
+        if name == "relay_websocket_sessions_total" and dict(labels)["route"] == "plain"
+    ]

@@ -4,6 +4,7 @@ every handshake that reached it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ def _refusal(path: str) -> Response | None:
 
 @asynccontextmanager
 async def ws_upstream(max_size: int | None = 64 << 20) -> AsyncIterator[WsUpstream]:
-    """Paths: ``/refuse`` answers 403 with a body; ``/close/<code>`` closes at once with that
+    """Paths: ``/refuse`` answers 403 with a body; ``/ping`` pings the proxy and says
+    ``pong received`` once answered, then echoes; ``/close/<code>`` closes at once with that
     code and reason ``bye``; ``/vanish`` drops the TCP connection after its first message;
     ``/big/<n>`` sends one binary message of n bytes, then echoes; ``/silent`` reads and says
     nothing; anything else echoes each message as it came (text as text)."""
@@ -58,6 +60,11 @@ async def ws_upstream(max_size: int | None = 64 << 20) -> AsyncIterator[WsUpstre
                 return
             if path.startswith("/big/"):
                 await connection.send(b"x" * int(path.split("/")[2]))
+            if path.startswith("/ping"):
+                # A ping of its own: the proxy's client side must answer it.
+                pong = await connection.ping(b"are you there")
+                await asyncio.wait_for(pong, 5)
+                await connection.send("pong received")
             if path.startswith("/vanish"):
                 await connection.recv()
                 connection.transport.abort()
