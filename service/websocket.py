@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from opentelemetry import propagate, trace
 from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -202,7 +203,7 @@ class WebSocketRelay:
             host=first_value(raw, b"host"),
             trusted=exchange.peer_trusted,
         )
-        return forwarded_headers(
+        headers = forwarded_headers(
             raw,
             ctx,
             upstream_authority=upstream.authority,
@@ -211,6 +212,15 @@ class WebSocketRelay:
             trusted=self.hop.trusted,
             request_id=self.request_id,
         )
+        if trace.get_current_span().is_recording():
+            # Traced: the upstream continues the session's trace, as HTTP requests continue
+            # their client span's (untraced, an inbound traceparent goes on as sent).
+            context: dict[str, str] = {}
+            propagate.inject(context)
+            names = {name.encode() for name in context}
+            headers = [(n, v) for n, v in headers if n not in names]
+            headers += [(n.encode(), v.encode()) for n, v in context.items()]
+        return headers
 
     def _response_headers(self, raw: list[tuple[bytes, bytes]], status: int) -> list[Any]:
         return downstream_response_headers(
@@ -355,8 +365,9 @@ class WebSocketRelay:
             try:
                 await self.send({"type": "websocket.send", key: data})
             except OSError:
-                # uvicorn's ClientDisconnected: the disconnect message follows.
-                return _client_end(await self.receive())
+                # uvicorn's ClientDisconnected: the client's connection is gone (the other
+                # task reads its disconnect message; one reader at a time).
+                return _End(SessionResult.CLIENT_CLOSED, Closer.CLIENT, GOING_AWAY, vanished=True)
 
     async def _idle(self, limit: float) -> _End:
         """Ends once no message went either way for ``limit`` seconds: one timer per

@@ -178,6 +178,9 @@ async def open_upstream(
     except TimeoutError:
         sock.close()
         raise HandshakeFailed(Reason.READ_TIMEOUT) from None
+    except asyncio.CancelledError:
+        sock.close()  # the drain cut the handshake short
+        raise
     except (ssl.SSLError, OSError, InvalidHandshake) as exc:
         sock.close()
         if ssl_error_of(exc) is not None:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 VOCABULARY = {"service", "service.config", "service.config_errors", "service.errors"}
-VOCABULARY |= {"service.exchange", "service.compat", "service.route_index"}
+VOCABULARY |= {"service.exchange", "service.compat", "service.route_index", "service.session"}
 CORE = {"service.app", "service.proxy", "service.forwarding", "service.routing"}
 CORE |= {"service.headers", "service.request_ids"}
+CORE |= {"service.websocket", "service.websocket_upstream"}
 
 
 def layer(module: str) -> str:

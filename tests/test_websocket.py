@@ -469,6 +469,9 @@ async def test_one_server_span_per_session_with_its_close_code(
     assert attributes["relay.websocket.result"] == "client_closed"
     assert attributes["relay.websocket.messages_to_upstream"] == 3
     assert attributes["relay.upstream"] == "up"
+    # The upstream continues the session's trace.
+    traceparent = up.handshakes[0].headers["traceparent"]
+    assert traceparent.split("-")[1] == format(span.context.trace_id, "032x")
 
 
 async def test_pings_are_answered_on_both_hops(no_error_logs: None) -> None:
