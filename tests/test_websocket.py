@@ -8,9 +8,11 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from opentelemetry.trace import SpanKind
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -20,6 +22,7 @@ from service.telemetry.tracing import Instrumentation
 from tests.support.metrics import exposition_async, metric, samples, value
 from tests.support.net import eventually
 from tests.support.relays import RunningRelay, one_upstream, run_relay
+from tests.support.tls import server_context
 from tests.support.tracing import in_memory
 from tests.support.wire import connect as connect_raw
 from tests.support.wire import head, parse_response_head, raw_exchange
@@ -514,3 +517,29 @@ async def test_session_series_start_at_zero() -> None:
         for name, labels in got
         if name == "relay_websocket_sessions_total" and dict(labels)["route"] == "plain"
     ]
+
+
+async def test_wss_upstream_with_the_upstreams_tls_settings(
+    tmp_path: Path, no_error_logs: None
+) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    async with ws_upstream(tls=server_context(ca.issue_cert("127.0.0.1"))) as up:
+        trusted = one_upstream(up.url, tls={"ca_file": str(ca_file)})
+        async with (
+            run_relay(trusted) as relay,
+            client(relay.url.replace("http://", "ws://") + "/echo") as ws,
+        ):
+            await ws.send("over tls")
+            assert await ws.recv() == "over tls"
+        async with run_relay(one_upstream(up.url)) as relay:  # the private CA unknown
+            with pytest.raises(InvalidStatus) as refused:
+                async with client(relay.url.replace("http://", "ws://") + "/echo"):
+                    pass
+            response = refused.value.response
+            assert response.status_code == 502
+            assert response.headers["proxy-status"] == (
+                'relay; error=tls_certificate_error; next-hop="up"'
+            )
+            assert await metric(relay, "relay_upstream_errors_total", reason="tls") == 1

@@ -5,6 +5,7 @@ every handshake that reached it."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -39,12 +40,15 @@ def _refusal(path: str) -> Response | None:
 
 
 @asynccontextmanager
-async def ws_upstream(max_size: int | None = 64 << 20) -> AsyncIterator[WsUpstream]:
+async def ws_upstream(
+    max_size: int | None = 64 << 20, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[WsUpstream]:
     """Paths: ``/refuse`` answers 403 with a body; ``/ping`` pings the proxy and says
     ``pong received`` once answered, then echoes; ``/close/<code>`` closes at once with that
     code and reason ``bye``; ``/vanish`` drops the TCP connection after its first message;
     ``/big/<n>`` sends one binary message of n bytes, then echoes; ``/silent`` reads and says
-    nothing; anything else echoes each message as it came (text as text)."""
+    nothing; anything else echoes each message as it came (text as text). With ``tls``: a
+    wss:// server, its ``url`` https://."""
     upstream = WsUpstream(url="")
 
     def process_request(connection: ServerConnection, request: Request) -> Response | None:
@@ -90,9 +94,10 @@ async def ws_upstream(max_size: int | None = 64 << 20) -> AsyncIterator[WsUpstre
         select_subprotocol=_first_known,
         max_size=max_size,
         compression=None,
+        ssl=tls,
     ) as server:
         port = server.sockets[0].getsockname()[1]
-        upstream.url = f"http://127.0.0.1:{port}"
+        upstream.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         yield upstream
 
 
