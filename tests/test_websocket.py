@@ -116,6 +116,16 @@ async def test_base_path_and_prefix_rewrite_as_for_http(no_error_logs: None) -> 
     assert up.handshakes[0].path == "/base/feed?x=1"
 
 
+async def test_preserve_host_sends_the_clients_host(no_error_logs: None) -> None:
+    async with (
+        proxied(upstream={"preserve_host": True}) as (up, relay, base),
+        client(base + "/echo") as ws,
+    ):
+        await ws.send("a")
+        assert await ws.recv() == "a"
+    assert up.handshakes[0].headers["host"] == relay.url.removeprefix("http://")
+
+
 async def test_subprotocols_offered_upstream_and_its_choice_returned(no_error_logs: None) -> None:
     async with proxied() as (up, _, base):
         async with client(base + "/", subprotocols=["zeta", "chat.v1", "chat.v2"]) as ws:
