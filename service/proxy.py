@@ -43,6 +43,11 @@ class Proxy:
         self._sessions = SessionGate(settings.websocket.max_sessions_per_upstream)
         self._meter = meter or NoMeter()
 
+    @property
+    def open_sessions(self) -> int:
+        """WebSocket sessions open (or opening) in this worker."""
+        return sum(self._sessions.open.values())
+
     def _begin(self, scope: Scope) -> tuple[RouteConfig | None, Exchange]:
         """Route the request and open its exchange record."""
         headers: list[tuple[bytes, bytes]] = scope["headers"]

@@ -402,7 +402,10 @@ async def test_a_valid_raw_handshake_is_switched(no_error_logs: None) -> None:
         assert len(up.handshakes) == 1
 
 
-async def test_drain_gives_sessions_the_grace_period_then_1001(no_error_logs: None) -> None:
+async def test_drain_gives_sessions_the_grace_period_then_1001(
+    caplog: pytest.LogCaptureFixture, no_error_logs: None
+) -> None:
+    caplog.set_level(logging.INFO, logger="relay.server")
     config = {"server": {"grace_period_seconds": 0.5}}
     async with proxied(**config) as (up, relay, base), client(base + "/echo") as ws:
         relay.service.request_shutdown()
@@ -416,6 +419,14 @@ async def test_drain_gives_sessions_the_grace_period_then_1001(no_error_logs: No
         values = samples(text.decode())
         assert value(values, "relay_websocket_sessions_total", result="drain") == 1
         assert value(values, "relay_websocket_sessions_active") == 0
+    # The drain working as it should: said at INFO, never a warning of requests cut.
+    drain = [r for r in caplog.records if r.name == "relay.server" and "grace period" in r.msg]
+    assert [(r.levelno, r.getMessage()) for r in drain] == [
+        (
+            logging.INFO,
+            "grace period (0.5s) over: 1 WebSocket session closed with 1001 (going away)",
+        )
+    ]
 
 
 async def test_200_sessions_dropped_at_random_points_leave_nothing_behind(

@@ -310,11 +310,22 @@ class Service:
             log.info("proxy listener closed; no requests in flight")
 
     def _grace_over(self, in_flight: int) -> None:
-        log.warning(
-            "grace period (%gs) over: %s still in flight cut",
-            self.settings.server.grace_period_seconds,
-            _plural(in_flight, "request"),
-        )
+        # WebSocket sessions outlive any grace period as a matter of course: closing them
+        # with 1001 is the drain working, not requests lost.
+        sessions = min(self.relay.proxy.open_sessions, in_flight)
+        grace = self.settings.server.grace_period_seconds
+        if sessions:
+            log.info(
+                "grace period (%gs) over: %s closed with 1001 (going away)",
+                grace,
+                _plural(sessions, "WebSocket session"),
+            )
+        if in_flight > sessions:
+            log.warning(
+                "grace period (%gs) over: %s still in flight cut",
+                grace,
+                _plural(in_flight - sessions, "request"),
+            )
 
     async def serve(self, sockets: Listeners | None = None) -> None:
         loop = asyncio.get_running_loop()
