@@ -564,3 +564,52 @@ async def test_wss_upstream_with_the_upstreams_tls_settings(
                 'relay; error=tls_certificate_error; next-hop="up"'
             )
             assert await metric(relay, "relay_upstream_errors_total", reason="tls") == 1
+
+
+@pytest.mark.parametrize(
+    ("section", "route_value", "env", "message"),
+    [
+        (
+            "websocket: {max_message_bytes: 10}\n",
+            "true",
+            {},
+            "websocket.max_message_bytes: Input should be greater than or equal to 125",
+        ),
+        (
+            "",
+            "true",
+            {"RELAY_WEBSOCKET__IDLE_TIMEOUT_SECONDS": "0"},
+            "RELAY_WEBSOCKET__IDLE_TIMEOUT_SECONDS=0: websocket.idle_timeout_seconds: "
+            "Input should be greater than 0",
+        ),
+        (
+            "websocket: {max_sessions_per_upstrem: 5}\n",
+            "true",
+            {},
+            "websocket.max_sessions_per_upstrem: unknown field, did you mean "
+            "max_sessions_per_upstream?",
+        ),
+        ("", "maybe", {}, "routes.0.websocket: Input should be a valid boolean"),
+    ],
+    ids=["size", "idle-env", "typo", "route"],
+)
+def test_websocket_config_errors_name_the_field(
+    section: str,
+    route_value: str,
+    env: dict[str, str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.config import ConfigError, load_settings
+
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        section + "upstreams: {up: {url: 'http://127.0.0.1:9'}}\n"
+        f"routes: [{{prefix: /, upstream: up, websocket: {route_value}}}]\n"
+    )
+    for name, setting in env.items():
+        monkeypatch.setenv(name, setting)
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert message in str(error.value)
