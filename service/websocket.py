@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry import propagate, trace
@@ -34,6 +32,17 @@ from .headers import RequestContext, downstream_response_headers, first_value
 from .headers import upstream_request_headers as forwarded_headers
 from .session import Closer, Direction, Session, SessionResult
 from .upstreams.pools import Upstream
+from .websocket_ends import (
+    ABNORMAL,
+    GOING_AWAY,
+    INTERNAL_ERROR,
+    NO_STATUS,
+    End,
+    client_end,
+    close_upstream,
+    first_end,
+    upstream_end,
+)
 from .websocket_upstream import (
     HANDSHAKE_FIELDS,
     HandshakeFailed,
@@ -46,11 +55,6 @@ from .websocket_upstream import (
 
 log = logging.getLogger("relay.proxy")
 
-GOING_AWAY = 1001
-NO_STATUS = 1005  # received: a close frame without a code; never sent as a code
-ABNORMAL = 1006  # a side vanished without a close frame; never sent
-TOO_BIG = 1009
-INTERNAL_ERROR = 1011
 _SCHEMES = {"ws": "http", "wss": "https"}
 
 
@@ -92,18 +96,6 @@ def http_messages(send: Send) -> Send:
         await send({**message, "type": "websocket." + message["type"]})
 
     return translated
-
-
-@dataclass
-class _End:
-    """How one side ended: the session's result, who ended it, the code it closed with,
-    and what to tell the other side."""
-
-    result: SessionResult
-    closed_by: Closer
-    code: int
-    reason: str = ""
-    vanished: bool = False
 
 
 def _text_size(text: str) -> int:
@@ -184,7 +176,7 @@ class WebSocketRelay:
                 session.end(SessionResult.CLIENT_CLOSED, Closer.CLIENT, ABNORMAL)
                 exchange.status = CLIENT_CLOSED_REQUEST
                 exchange.disconnected(Side.CLIENT)
-                await _close_upstream(connection, GOING_AWAY, "client connection lost")
+                await close_upstream(connection, GOING_AWAY, "client connection lost")
                 return
             await self._relay(connection)
         finally:
@@ -286,12 +278,12 @@ class WebSocketRelay:
             tasks.append(asyncio.create_task(self._idle(self.config.idle_timeout_seconds)))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            end = _first_end(tasks, done)
+            end = first_end(tasks, done)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            end = _End(SessionResult.DRAIN, Closer.PROXY, GOING_AWAY, "proxy shutting down")
+            end = End(SessionResult.DRAIN, Closer.PROXY, GOING_AWAY, "proxy shutting down")
         finally:
             for task in tasks:
                 task.cancel()
@@ -299,7 +291,7 @@ class WebSocketRelay:
         self._record(end)
         await self._close_both(connection, end)
 
-    def _record(self, end: _End) -> None:
+    def _record(self, end: End) -> None:
         self.session.end(end.result, end.closed_by, ABNORMAL if end.vanished else end.code)
         self.session.close_reason = end.reason
         exchange = self.exchange
@@ -310,7 +302,7 @@ class WebSocketRelay:
             if side is Side.UPSTREAM:
                 exchange.reason = Reason.RESET
 
-    async def _close_both(self, connection: ClientConnection, end: _End) -> None:
+    async def _close_both(self, connection: ClientConnection, end: End) -> None:
         """Close whichever side did not end the session (both, when the proxy did)."""
         if end.closed_by is not Closer.CLIENT:
             code, reason = end.code, end.reason
@@ -325,9 +317,9 @@ class WebSocketRelay:
             code, reason = end.code, end.reason
             if end.vanished:
                 code, reason = GOING_AWAY, "client connection lost"
-            await _close_upstream(connection, code, reason)
+            await close_upstream(connection, code, reason)
 
-    async def _to_upstream(self, connection: ClientConnection) -> _End:
+    async def _to_upstream(self, connection: ClientConnection) -> End:
         meter, name, session = self.meter, self.exchange.upstream or "", self.session
         loop = asyncio.get_running_loop()
         while True:
@@ -344,18 +336,18 @@ class WebSocketRelay:
                 try:
                     await connection.send(data)
                 except ConnectionClosed as closed:
-                    return _upstream_end(closed)
+                    return upstream_end(closed)
             elif kind == "websocket.disconnect":
-                return _client_end(message)
+                return client_end(message)
 
-    async def _to_client(self, connection: ClientConnection) -> _End:
+    async def _to_client(self, connection: ClientConnection) -> End:
         meter, name, session = self.meter, self.exchange.upstream or "", self.session
         loop = asyncio.get_running_loop()
         while True:
             try:
                 data = await connection.recv()
             except ConnectionClosed as closed:
-                return _upstream_end(closed)
+                return upstream_end(closed)
             size = _text_size(data) if isinstance(data, str) else len(data)
             self._last_message = loop.time()
             session.messages_to_client += 1
@@ -367,53 +359,14 @@ class WebSocketRelay:
             except OSError:
                 # uvicorn's ClientDisconnected: the client's connection is gone (the other
                 # task reads its disconnect message; one reader at a time).
-                return _End(SessionResult.CLIENT_CLOSED, Closer.CLIENT, GOING_AWAY, vanished=True)
+                return End(SessionResult.CLIENT_CLOSED, Closer.CLIENT, GOING_AWAY, vanished=True)
 
-    async def _idle(self, limit: float) -> _End:
+    async def _idle(self, limit: float) -> End:
         """Ends once no message went either way for ``limit`` seconds: one timer per
         session, re-armed from the last message's time rather than at every message."""
         loop = asyncio.get_running_loop()
         while True:
             remaining = self._last_message + limit - loop.time()
             if remaining <= 0:
-                return _End(SessionResult.IDLE, Closer.PROXY, GOING_AWAY, "idle timeout")
+                return End(SessionResult.IDLE, Closer.PROXY, GOING_AWAY, "idle timeout")
             await asyncio.sleep(remaining)
-
-
-def _first_end(tasks: list[asyncio.Task[_End]], done: set[asyncio.Task[_End]]) -> _End:
-    for task in tasks:  # in a fixed order, when both ended in one turn
-        if task in done:
-            return task.result()
-    raise AssertionError("no task ended")
-
-
-def _client_end(message: Message) -> _End:
-    """The client's ``websocket.disconnect``: a close frame (its code and reason, or 1009 when
-    uvicorn refused a message too large), or a lost connection (no reason key)."""
-    code = message.get("code") or NO_STATUS
-    if code == TOO_BIG:
-        return _End(SessionResult.TOO_LARGE, Closer.CLIENT, TOO_BIG, "message too big")
-    vanished = "reason" not in message or code == ABNORMAL
-    if vanished:
-        return _End(SessionResult.CLIENT_CLOSED, Closer.CLIENT, GOING_AWAY, vanished=True)
-    return _End(SessionResult.CLIENT_CLOSED, Closer.CLIENT, code, message.get("reason") or "")
-
-
-def _upstream_end(closed: ConnectionClosed) -> _End:
-    rcvd, sent = closed.rcvd, closed.sent
-    if sent is not None and sent.code == TOO_BIG and not closed.rcvd_then_sent:
-        # The client library refused a message too large and closed with 1009.
-        return _End(SessionResult.TOO_LARGE, Closer.UPSTREAM, TOO_BIG, "message too big")
-    if rcvd is None:
-        return _End(SessionResult.UPSTREAM_CLOSED, Closer.UPSTREAM, INTERNAL_ERROR, vanished=True)
-    return _End(SessionResult.UPSTREAM_CLOSED, Closer.UPSTREAM, rcvd.code, rcvd.reason)
-
-
-async def _close_upstream(connection: ClientConnection, code: int, reason: str) -> None:
-    close: Callable[..., Awaitable[None]] = connection.close
-    with contextlib.suppress(Exception):
-        # A code received as none (1005) goes on as none.
-        if code == NO_STATUS:
-            await close(None)  # websockets sends an empty close frame
-        else:
-            await close(code, reason)

@@ -12,7 +12,7 @@ VOCABULARY = {"service", "service.config", "service.config_errors", "service.err
 VOCABULARY |= {"service.exchange", "service.compat", "service.route_index", "service.session"}
 CORE = {"service.app", "service.proxy", "service.forwarding", "service.routing"}
 CORE |= {"service.headers", "service.request_ids"}
-CORE |= {"service.websocket", "service.websocket_upstream"}
+CORE |= {"service.websocket", "service.websocket_ends", "service.websocket_upstream"}
 
 
 def layer(module: str) -> str:
