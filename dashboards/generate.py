@@ -200,11 +200,44 @@ def overview() -> dict[str, Any]:
             f"(rate(relay_request_duration_seconds_bucket{{{UPSTREAM_SELECTOR}, "
             f"{le(o.threshold)}}}[{RATE_INTERVAL}]))", "{{upstream}}")], "reqps",
           f"Requests per second that took longer than {o.threshold:g}s.", width=8),
+        *websocket_row(),
     ]  # fmt: skip
     return build_dashboard(
         "relay-overview", "Relay / Overview",
         "Traffic, errors, latency and saturation per upstream and route.", panels,
     )  # fmt: skip
+
+
+def websocket_row() -> list[Panel]:
+    """WebSocket sessions: open now, how they end, how long they last, what they carry."""
+    def per(metric: str, by: str) -> str:
+        return (f"sum by ({by}) "
+                f"(rate({metric}{{{UPSTREAM_SELECTOR}}}[{RATE_INTERVAL}]))")
+    return [
+        Panel("WebSocket sessions open", [Query(
+            f"sum by (upstream) (relay_websocket_sessions_active{{{UPSTREAM_SELECTOR}}})",
+            "{{upstream}}")], "short",
+          "Sessions open now (after their 101), per upstream. Each holds an upstream "
+          "connection of its own, outside the pool; websocket.max_sessions_per_upstream caps "
+          "them per worker (503 beyond).", width=8),
+        Panel("WebSocket sessions ended, by result", [Query(
+            per("relay_websocket_sessions_total", "upstream, result"),
+            "{{result}} {{upstream}}")], "ops",
+          "client_closed, upstream_closed, idle (websocket.idle_timeout_seconds), too_large "
+          "(websocket.max_message_bytes, 1009), drain (1001 at shutdown), upstream_refused "
+          "(its answer passed on), error (unreachable, TLS, bad handshake).", width=8),
+        Panel("WebSocket session duration", quantiles(
+            "relay_websocket_session_duration_seconds"), "s",
+          "From the client's 101 to the end of the session.", width=8),
+        Panel("WebSocket messages by direction", [Query(
+            per("relay_websocket_messages_total", "upstream, direction"),
+            "{{direction}} {{upstream}}")], "ops",
+          "Messages relayed: to_upstream (from clients) and to_client.", width=12),
+        Panel("WebSocket bytes by direction", [Query(
+            per("relay_websocket_bytes_total", "upstream, direction"),
+            "{{direction}} {{upstream}}")], "Bps",
+          "Message payload bytes relayed each way.", width=12),
+    ]  # fmt: skip
 
 
 def slo() -> dict[str, Any]:

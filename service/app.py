@@ -122,6 +122,7 @@ class Relay:
             [(route.upstream, route.label) for route in settings.routes],
             [name for name, config in settings.upstreams.items() if tls_settings(config).files()],
             retry_reasons(settings.routes),
+            [(route.upstream, route.label) for route in settings.routes if route.websocket],
         )
         chain: list[ExchangeObserver] = [self.metrics]
         if settings.log.access_log:
@@ -129,7 +130,7 @@ class Relay:
         if tracing is not None:
             chain.append(TracingObserver())
         self.observers = Observers(chain)
-        self.proxy = Proxy(settings, self.upstreams, self.observers)
+        self.proxy = Proxy(settings, self.upstreams, self.observers, self.metrics.websocket)
         self.app = FastAPI(
             title="relay",
             openapi_url=None,  # no schema, docs or redoc routes: every path is proxied

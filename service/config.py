@@ -289,6 +289,8 @@ class RouteConfig(_Strict):
     request_headers: HeaderPolicy | None = None  # on what goes upstream
     response_headers: HeaderPolicy | None = None  # on what goes to the client
     retry: RetryConfig = RetryConfig()
+    # WebSocket upgrades proxied (README, *WebSocket*); false: refused with 403.
+    websocket: bool = True
 
     @property
     def label(self) -> str:
@@ -447,6 +449,19 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+class WebSocketConfig(_Strict):
+    """WebSocket sessions (README, *WebSocket*)."""
+
+    # A message (text or binary, all its fragments) larger than this either way closes the
+    # session with 1009.
+    max_message_bytes: Annotated[int, Field(ge=125, le=1 << 30)] = 1 << 20
+    # No message either way for this long closes the session with 1001; null: never.
+    idle_timeout_seconds: Seconds | None = None
+    # Open sessions per upstream (each holds its own upstream connection, outside the
+    # pool); beyond: 503 with Retry-After.
+    max_sessions_per_upstream: Annotated[int, Field(ge=1)] = 1000
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RELAY_",
@@ -461,6 +476,7 @@ class Settings(BaseSettings):
     demo: DemoConfig = DemoConfig()
     limits: LimitsConfig = LimitsConfig()
     request_id: RequestIdConfig = RequestIdConfig()
+    websocket: WebSocketConfig = WebSocketConfig()
     upstreams: dict[Name, UpstreamConfig] = Field(min_length=1)
     routes: list[RouteConfig] = Field(min_length=1)
 

@@ -36,6 +36,7 @@ class Reason(StrEnum):
     OVERLOADED = "overloaded"
     REQUEST_TIMEOUT = "request_timeout"
     NO_HEALTHY_ENDPOINT = "no_healthy_endpoint"
+    WEBSOCKET_DISABLED = "websocket_disabled"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ FAILURES: dict[Reason, Failure] = {
     Reason.NO_HEALTHY_ENDPOINT: Failure(
         503, "destination_unavailable", "no healthy upstream endpoint"
     ),
+    # A WebSocket upgrade on a route with websocket: false.
+    Reason.WEBSOCKET_DISABLED: Failure(
+        403, "http_request_denied", "WebSocket upgrades are not proxied on this route"
+    ),
 }
 
 
@@ -102,6 +107,7 @@ CLIENT_REASONS: frozenset[Reason] = frozenset(
         Reason.HEADERS_TOO_LARGE,
         Reason.BODY_TOO_LARGE,
         Reason.REQUEST_TIMEOUT,
+        Reason.WEBSOCKET_DISABLED,
     }
 )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from .errors import FAILURES, Reason
+from .session import Session
 
 # Of a client's User-Agent, in logs: enough for any real one, bounded for a hostile one.
 USER_AGENT_CHARS = 256
@@ -25,6 +26,7 @@ class Side(StrEnum):
 class Phase(StrEnum):
     BEFORE_HEADERS = "before_headers"
     BODY = "body"
+    SESSION = "session"  # a WebSocket session, after its 101
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Exchange:
     retries: int = 0  # attempts sent again under the route's retry policy
     retry_reason: str | None = None  # why the latest was (a reason of relay_upstream_retries)
     upstream_addr: str | None = None  # the endpoint (host:port) the request went to
+    websocket: Session | None = None  # a WebSocket handshake, and its session if one opened
 
     def mark_headers(self) -> None:
         self.headers_seconds = time.perf_counter() - self.started
@@ -148,11 +151,14 @@ class ExchangeObserver:
     def retry_denied(self, exchange: Exchange) -> None:
         """An attempt failed and would be sent again, but the retry budget is spent."""
 
+    def upgraded(self, exchange: Exchange) -> None:
+        """A WebSocket session opened: the client got the upstream's 101."""
+
     def finished(self, exchange: Exchange) -> None:
         """The exchange ended, whichever way."""
 
 
-_EVENTS = ("started", "headers", "failing", "retrying", "retry_denied", "finished")
+_EVENTS = ("started", "headers", "failing", "retrying", "retry_denied", "upgraded", "finished")
 
 
 def _each(hooks: tuple[Callable[[Exchange], None], ...]) -> Callable[[Exchange], None]:

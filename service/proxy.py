@@ -5,19 +5,24 @@ cut at shutdown are answered here."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
 from .config import RouteConfig, Settings
 from .errors import Reason
-from .exchange import Exchange, ExchangeObserver
+from .exchange import Exchange, ExchangeObserver, Side
 from .forwarding import Forwarding, ProxyHop
 from .headers import first_value
 from .request_ids import REQUEST_ID_KEY, identify
 from .route_policy import RoutePolicies, RoutePolicy
 from .routing import Router
+from .session import SessionResult
 from .upstreams.pools import UpstreamSet
+from .websocket import MessageMeter, NoMeter, SessionGate, WebSocketRelay, http_messages
+
+log = logging.getLogger("relay.proxy")
 
 
 class Proxy:
@@ -28,12 +33,22 @@ class Proxy:
         settings: Settings,
         upstreams: Callable[[], UpstreamSet],
         observer: ExchangeObserver,
+        meter: MessageMeter | None = None,
     ) -> None:
+        """``meter``: told of every WebSocket message relayed."""
         self._router = Router(settings.routes)
         self._policies = RoutePolicies(settings.routes, settings.upstreams)
         self._upstreams = upstreams
         self._observer = observer
         self._hop = ProxyHop.of(settings, observer)
+        self._websocket = settings.websocket
+        self._sessions = SessionGate(settings.websocket.max_sessions_per_upstream)
+        self._meter = meter or NoMeter()
+
+    @property
+    def open_sessions(self) -> int:
+        """WebSocket sessions open (or opening) in this worker."""
+        return sum(self._sessions.open.values())
 
     def _begin(self, scope: Scope) -> tuple[RouteConfig | None, Exchange]:
         """Route the request and open its exchange record."""
@@ -45,7 +60,7 @@ class Proxy:
         # the route.
         route = self._router.match(host, scope["path"])
         exchange = Exchange(
-            method=scope["method"],
+            method=scope.get("method", "GET"),  # a WebSocket scope has none: its GET
             route=route.label if route else None,
             upstream=route.upstream if route else None,
             path=scope["path"],
@@ -92,7 +107,7 @@ class Proxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
+                await self._websocket_session(scope, receive, send)
             return
         route, exchange = self._begin(scope)
         policy: RoutePolicy | None = None
@@ -110,6 +125,39 @@ class Proxy:
             # Only the server cancels an exchange from outside: at shutdown, once the grace
             # period is over. It ends here, answered and logged as cut short.
             await self._cut_short(send, exchange, policy)
+        finally:
+            self._end(exchange)
+
+    async def _websocket_session(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route, exchange = self._begin(scope)
+        relay = WebSocketRelay(
+            self._hop, self._websocket, self._sessions, self._meter, scope, receive, send, exchange
+        )
+        try:
+            if route is None:
+                await relay.refuse(Reason.NO_ROUTE, None)
+            else:
+                await relay.run(route, self._upstreams()[route.upstream])
+        except asyncio.CancelledError:
+            # Cut by the drain before the session opened (an open one closes itself).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            relay.session.end(SessionResult.DRAIN, None, None)
+            if not exchange.response_started:
+                await self._hop.send_error(
+                    http_messages(send), exchange, Reason.SHUTDOWN, exchange.upstream
+                )
+        except OSError:
+            # uvicorn's ClientDisconnected: the client went before its answer was written.
+            exchange.disconnected(Side.CLIENT)
+        except Exception:
+            log.exception("unexpected failure in a WebSocket session to %s", exchange.upstream)
+            relay.session.end(SessionResult.ERROR, None, None)
+            if not exchange.response_started:
+                await self._hop.send_error(
+                    http_messages(send), exchange, Reason.INTERNAL, exchange.upstream
+                )
         finally:
             self._end(exchange)
 

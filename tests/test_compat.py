@@ -165,3 +165,11 @@ def test_bounds_hold_the_pinned_and_installed_versions() -> None:
         assert any(s.operator == "<" for s in specifier), f"{name} has no upper bound"
         assert specifier.contains(pins[name]), f"constraints.txt pins {name} {pins[name]}"
         assert specifier.contains(version(name)), f"installed {name} {version(name)}"
+
+
+async def test_uvicorn_websocket_protocol_names_on_a_real_instance() -> None:
+    config = uvicorn.Config(lambda *_: None, log_config=None, lifespan="off")
+    config.load()
+    protocol = uvicorn_compat.DrainSafeWebSocket(config, ServerState(), {})
+    names = uvicorn_compat.INSTANCE_NAMES[uvicorn_compat.WebSocketsSansIOProtocol]
+    assert [n for n in names if not hasattr(protocol, n)] == []

@@ -21,6 +21,7 @@ import httpx
 import psutil
 import pytest
 import yaml
+from websockets.asyncio.client import connect as ws_connect
 
 from tests.support.dashboards import DASHBOARDS, annotation_queries, load, panel_queries
 from tests.support.http import http_client
@@ -44,6 +45,7 @@ from tests.support.scripted import (
     stale_after_first,
 )
 from tests.support.wire import raw_request
+from tests.support.ws_upstream import WsUpstream, ws_upstream
 
 pytestmark = pytest.mark.live
 
@@ -82,9 +84,9 @@ def faulty_upstream() -> ScriptedUpstream:
     )
 
 
-def faulty_config(upstream: ScriptedUpstream) -> dict[str, Any]:
-    """Relay in front of ``upstream``, a two-connection pool, and a port with nothing
-    listening."""
+def faulty_config(upstream: ScriptedUpstream, ws: WsUpstream) -> dict[str, Any]:
+    """Relay in front of ``upstream``, a two-connection pool, a port with nothing
+    listening, and a WebSocket upstream under ``/ws``."""
     return {
         "log": {"access_log": False},
         "upstreams": {
@@ -102,12 +104,14 @@ def faulty_config(upstream: ScriptedUpstream) -> dict[str, Any]:
                 "pool": {"max_requests_per_connection": 2},
                 "outlier": {"consecutive_failures": 1},
             },
+            "ws": {"url": ws.url},
         },
         "routes": [
             {"prefix": "/tight", "upstream": "tight", "strip_prefix": True},
             {"prefix": "/dead", "upstream": "dead"},
             {"prefix": "/pods", "upstream": "pods", "strip_prefix": True},
             *({"prefix": path, "upstream": "api"} for path in upstream.handlers),
+            {"prefix": "/ws", "upstream": "ws", "strip_prefix": True},
         ],
     }
 
@@ -116,7 +120,11 @@ def faulty_config(upstream: ScriptedUpstream) -> dict[str, Any]:
 async def faulty_relay() -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
     """An in-process Relay in front of the faulty upstream."""
     upstream = faulty_upstream()
-    async with upstream.running(), run_relay(faulty_config(upstream)) as running:
+    async with (
+        upstream.running(),
+        ws_upstream() as ws,
+        run_relay(faulty_config(upstream, ws)) as running,
+    ):
         yield running, upstream
 
 
@@ -155,6 +163,10 @@ async def drive_faults(url: str, upstream: ScriptedUpstream, rounds: int) -> Non
                 *(client.get("/tight/ok") for _ in range(20)),
                 return_exceptions=True,
             )
+            # One WebSocket session, a message each way.
+            async with ws_connect(url.replace("http://", "ws://") + "/ws/echo") as ws:
+                await ws.send("ping")
+                await ws.recv()
 
 
 @dataclass
@@ -174,7 +186,7 @@ async def one_worker(tmp_path: Path) -> AsyncIterator[Target]:
     async with faulty_relay() as (relay, upstream):
         yield Target(
             admin=relay.admin_url.removeprefix("http://"),
-            upstreams="api|tight|dead|pods",
+            upstreams="api|tight|dead|pods|ws",
             drive=lambda: drive_faults(relay.url, upstream, rounds=1),
         )
 
@@ -194,8 +206,11 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[Target]:
     """``python -m service`` with two workers (multiprocess metrics) in front of the faulty
     upstream; one worker is killed and respawned before the panels are read."""
     upstream = faulty_upstream()
-    async with upstream.running():
-        config = {**faulty_config(upstream), "server": {"workers": 2, "grace_period_seconds": 2}}
+    async with upstream.running(), ws_upstream() as ws:
+        config = {
+            **faulty_config(upstream, ws),
+            "server": {"workers": 2, "grace_period_seconds": 2},
+        }
         env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
         stack = contextlib.ExitStack()
         # Off the loop: the upstream the relay talks to runs on it.
@@ -203,7 +218,7 @@ async def two_workers(tmp_path: Path) -> AsyncIterator[Target]:
         try:
             yield Target(
                 admin=relay.admin_url.removeprefix("http://"),
-                upstreams="api|tight|dead|pods",
+                upstreams="api|tight|dead|pods|ws",
                 drive=lambda: drive_faults(relay.url, upstream, rounds=1),
                 settle=lambda prom: kill_a_worker(relay, prom),
             )

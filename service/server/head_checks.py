@@ -7,6 +7,8 @@ its declared body within ``limits.max_body_bytes``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -117,6 +119,31 @@ def head_problem(headers: Iterable[tuple[bytes, bytes]], http_version: str) -> s
     return None
 
 
+def websocket_problem(method: bytes, version: str, headers: RawHeaders) -> str | None:
+    """Why a WebSocket opening handshake (RFC 6455 4.1) must be refused (400), or None:
+    checked here, so a broken one is the proxy's own counted answer and never goes
+    upstream."""
+    if method != b"GET" or version != "1.1":
+        return "WebSocket handshake not a GET in HTTP/1.1"
+    keys = [v for n, v in headers if n == b"sec-websocket-key"]
+    versions = [v.strip() for n, v in headers if n == b"sec-websocket-version"]
+    if len(keys) != 1:
+        return "WebSocket handshake without one Sec-WebSocket-Key"
+    try:
+        nonce = base64.b64decode(keys[0].strip(), validate=True)
+    except binascii.Error:
+        nonce = b""
+    if len(nonce) != 16:
+        return "invalid Sec-WebSocket-Key"
+    if versions != [b"13"]:
+        return "unsupported Sec-WebSocket-Version (13 only)"
+    return None
+
+
+def _asks_websocket(headers: RawHeaders) -> bool:
+    return any(n == b"upgrade" and b"websocket" in v.lower() for n, v in headers)
+
+
 def check_head(
     url: bytes,
     method: bytes,
@@ -143,6 +170,12 @@ def check_head(
     problem = path_problem(
         url.split(b"?", 1)[0], allow_encoded_slashes=limits.allow_encoded_slashes
     ) or head_problem(headers, version)
+    if problem is None and upgrade_accepted:
+        problem = websocket_problem(method, version, headers)
+    elif problem is None and not upgrade and _asks_websocket(headers):
+        # Without Connection: upgrade it would go on as a plain request, its Upgrade
+        # dropped as hop-by-hop: a handshake the upstream would see half of.
+        problem = "Upgrade: websocket without Connection: upgrade"
     if problem is not None:
         return Rejection(Reason.BAD_REQUEST, problem)
     if not upgrade and not limits.max_body_bytes:
@@ -150,9 +183,10 @@ def check_head(
     raw_length = first_value(headers, b"content-length")
     length = int(raw_length) if raw_length is not None else None
     declares_body = length or any(n == b"transfer-encoding" for n, _ in headers)
-    if upgrade and declares_body and not upgrade_accepted:
+    if upgrade and declares_body:
         # llhttp hands the bytes after an Upgrade request's head to the new protocol,
-        # so a body there would never be read, and forwarded short.
+        # so a body there would never be read, and forwarded short (or, on a WebSocket
+        # handshake, read as frames).
         return Rejection(Reason.BAD_REQUEST, "request body with Upgrade")
     if limits.max_body_bytes and length is not None and length > limits.max_body_bytes:
         return Rejection(Reason.BODY_TOO_LARGE)

@@ -33,7 +33,7 @@ from .admin import create_admin_app
 from .demo import create_demo_app
 from .listeners import EXIT_CANNOT_START, Listeners, bind_listeners
 from .protocol import RelayProtocol
-from .uvicorn_compat import UvicornServer
+from .uvicorn_compat import DrainSafeWebSocket, UvicornServer
 
 log = logging.getLogger("relay.server")
 
@@ -213,6 +213,11 @@ class Service:
                 http=RelayProtocol.configured(settings, self.relay),
                 limit_concurrency=server.limit_concurrency or None,
                 timeout_keep_alive=server.keepalive_timeout_seconds,
+                ws=DrainSafeWebSocket,
+                ws_max_size=settings.websocket.max_message_bytes,
+                # Each hop negotiates its own extensions (a message relay, see websocket.py):
+                # no compression on either, whose CPU cost a proxy pays twice.
+                ws_per_message_deflate=False,
             )
         )
         self.proxy_server.on_started = self._ready
@@ -305,11 +310,22 @@ class Service:
             log.info("proxy listener closed; no requests in flight")
 
     def _grace_over(self, in_flight: int) -> None:
-        log.warning(
-            "grace period (%gs) over: %s still in flight cut",
-            self.settings.server.grace_period_seconds,
-            _plural(in_flight, "request"),
-        )
+        # WebSocket sessions outlive any grace period as a matter of course: closing them
+        # with 1001 is the drain working, not requests lost.
+        sessions = min(self.relay.proxy.open_sessions, in_flight)
+        grace = self.settings.server.grace_period_seconds
+        if sessions:
+            log.info(
+                "grace period (%gs) over: %s closed with 1001 (going away)",
+                grace,
+                _plural(sessions, "WebSocket session"),
+            )
+        if in_flight > sessions:
+            log.warning(
+                "grace period (%gs) over: %s still in flight cut",
+                grace,
+                _plural(in_flight - sessions, "request"),
+            )
 
     async def serve(self, sockets: Listeners | None = None) -> None:
         loop = asyncio.get_running_loop()

@@ -14,6 +14,11 @@ hook:
   asserted on real instances by tests/test_compat.py.
 * ``flow_control.service_unavailable``: the app uvicorn answers with over
   ``limit_concurrency``, replaced by the proxy's own answer.
+* ``WebSocketsSansIOProtocol`` (the websocket protocol uvicorn picks with ``websockets``
+  installed, named here so that the choice does not depend on what else is installed): its
+  ``shutdown`` closes every session at once with 1012; the drain-safe subclass reads
+  ``close_sent``, ``initial_response`` and ``handshake_initiated`` to tell a session from
+  a connection that is done.
 * ``Server.capture_signals``: uvicorn installs its own signal handlers there; the drain
   (serve.py) replaces ``Server.shutdown`` and reads ``servers``, ``lifespan``, ``started``
   and the ``server_state``'s ``connections`` and ``tasks``.
@@ -28,6 +33,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http import flow_control
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 
 from ..compat import require
@@ -43,6 +49,7 @@ CLASS_NAMES: dict[object, tuple[str, ...]] = {
     ),
     uvicorn.Server: ("capture_signals",),
     flow_control: ("service_unavailable",),
+    WebSocketsSansIOProtocol: ("shutdown", "send", "receive"),
 }
 # Set in __init__: tests/test_compat.py checks them on real instances.
 INSTANCE_NAMES: dict[type, tuple[str, ...]] = {
@@ -58,6 +65,7 @@ INSTANCE_NAMES: dict[type, tuple[str, ...]] = {
         "response_started",
         "response_complete",
     ),
+    WebSocketsSansIOProtocol: ("close_sent", "initial_response", "handshake_initiated"),
 }
 
 require("uvicorn", CLASS_NAMES)
@@ -79,6 +87,18 @@ class UvicornProtocol(HttpToolsProtocol):
     def start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """A request was parsed: start its task (override to defer it)."""
         self.run_asgi_task(cycle, app)
+
+
+class DrainSafeWebSocket(WebSocketsSansIOProtocol):
+    """uvicorn's websocket protocol, with a session kept open when the listener closes.
+
+    uvicorn closes every session at once with 1012 then. A session (or its handshake under
+    way) is an exchange in flight like any other: it gets the drain's grace period, after
+    which the drain cancels its task and the proxy closes both sides with 1001."""
+
+    def shutdown(self) -> None:
+        if self.close_sent or self.initial_response is not None or not self.handshake_initiated:
+            super().shutdown()
 
 
 class UvicornServer(uvicorn.Server):

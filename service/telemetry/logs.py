@@ -181,9 +181,30 @@ class _ServerLifecycle(logging.Filter):
         return record.levelno > logging.INFO or record.msg not in self.MESSAGES
 
 
+class _WebSocketChatter(logging.Filter):
+    """Drop uvicorn's (and its ``websockets`` protocol's) INFO lines for each WebSocket
+    handshake and session: the access line says all of it, once per session, with the
+    route, the request id and the close code."""
+
+    MESSAGES = frozenset(
+        {
+            '%s - "WebSocket %s" [accepted]',
+            '%s - "WebSocket %s" 403',
+            '%s - "WebSocket %s" %d',
+            "connection open",
+            "connection closed",
+            "connection rejected (%d %s)",
+            "HTTP response sent (%d %s)",
+        }
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.msg not in self.MESSAGES
+
+
 def install_uvicorn_filters() -> None:
     logger = logging.getLogger("uvicorn.error")
-    for kind in (_DeliberateAbortFilter, _SheddingSummary, _ServerLifecycle):
+    for kind in (_DeliberateAbortFilter, _SheddingSummary, _ServerLifecycle, _WebSocketChatter):
         if not any(isinstance(f, kind) for f in logger.filters):
             logger.addFilter(kind())
 
@@ -192,7 +213,7 @@ def access_fields(exchange: Exchange) -> dict[str, Any]:
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 3)
 
-    return {
+    fields = {
         "method": exchange.method,
         "path": exchange.path,
         "route": exchange.route,
@@ -215,12 +236,31 @@ def access_fields(exchange: Exchange) -> dict[str, Any]:
         "http_version": exchange.http_version,
         "user_agent": exchange.user_agent,
     }
+    session = exchange.websocket
+    if session is not None:
+        # WebSocket lines only: one per session, at its end.
+        fields.update(
+            ws_result=session.result.value if session.result else None,
+            ws_close_code=session.close_code,
+            ws_closed_by=session.closed_by.value if session.closed_by else None,
+            ws_session_ms=ms(session.seconds),
+            ws_messages_to_upstream=session.messages_to_upstream,
+            ws_messages_to_client=session.messages_to_client,
+            ws_bytes_to_upstream=session.bytes_to_upstream,
+            ws_bytes_to_client=session.bytes_to_client,
+        )
+    return fields
 
 
 def is_success(exchange: Exchange) -> bool:
     """Sent in full, below 400, nobody hung up: the lines ``log.access_sample`` thins."""
     status = exchange.status
-    return status is not None and status < 400 and exchange.outcome == "ok"
+    return (
+        status is not None
+        and status < 400
+        and exchange.outcome == "ok"
+        and exchange.websocket is None  # every session keeps its line
+    )
 
 
 class AccessLogObserver(ExchangeObserver):

@@ -39,6 +39,7 @@ from .endpoint_metrics import EndpointCountSource, EndpointMetrics
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable
 from .prometheus_compat import legacy_names_as_is
+from .websocket_metrics import SessionMetrics
 from .zeros import Exposition, ZeroSeries
 
 PREFIX = "relay"
@@ -167,6 +168,11 @@ class Metrics(ExchangeObserver):
         self._define_body_bytes()
         self._define_sli()
         self._define_build_info()
+        self.websocket = SessionMetrics(
+            self._counter,
+            lambda name, text, labels: self._gauge(name, text, labels, "livesum"),
+            self._histogram,
+        )
         self._define_pool_gauges()
         self.endpoints = EndpointMetrics(
             self.registry, self._zeros, endpoint_counts, multiprocess=self.multiprocess
@@ -328,6 +334,7 @@ class Metrics(ExchangeObserver):
         routes: Iterable[tuple[str, str]],
         tls_files: Iterable[str] = (),
         retry_reasons: Mapping[str, Iterable[str]] | None = None,
+        websocket_routes: Iterable[tuple[str, str]] = (),
     ) -> None:
         """Expose the counter series of every configured upstream and route at 0 from the
         first scrape (zeros.py says why, and why at scrape time): per upstream, every failure
@@ -338,7 +345,8 @@ class Metrics(ExchangeObserver):
         the upstreams whose TLS files are watched (their reloads, by result).
         ``retry_reasons``: per upstream, the retry reasons its routes' policies can count
         (stale_connection is there for every upstream), and the budget's refusals for those
-        that have any.
+        that have any. ``websocket_routes``: the routes that proxy WebSockets (their
+        sessions, by result).
         """
         names = list(upstreams)
         per_upstream = [(name,) for name in names]
@@ -360,6 +368,7 @@ class Metrics(ExchangeObserver):
         zero(self.truncated, UPSTREAM_ROUTE, pairs)
         reloads = [(u, result) for u in tls_files for result in TLS_RELOAD_RESULTS]
         zero(self.tls_reloads, TLS_RELOAD_LABELS, reloads)
+        self.websocket.start_at_zero(self._zeros, names, websocket_routes)
 
     # -- pool observer (called from the pool gate) --------------------------------------
     def pool_wait(self, upstream: str, seconds: float) -> None:
@@ -404,6 +413,12 @@ class Metrics(ExchangeObserver):
         if exchange.upstream is not None:
             self.retry_budget_exhausted.labels(exchange.upstream).inc()
 
+    def upgraded(self, exchange: Exchange) -> None:
+        # An open session is not a request in flight: relay_websocket_sessions counts it.
+        if exchange.upstream is not None:
+            self._in_flight(exchange.upstream).dec()
+        self.websocket.upgraded(exchange)
+
     def finished(self, exchange: Exchange) -> None:
         upstream = exchange.upstream or NO_UPSTREAM
         route = exchange.route or NO_UPSTREAM
@@ -411,11 +426,17 @@ class Metrics(ExchangeObserver):
         self._requests(upstream, route, fold_method(exchange.method), code).inc()
         if exchange.upstream is None:
             return
-        self._in_flight(upstream).dec()
-        if exchange.total_seconds is not None:
-            self._duration(upstream, route).observe(
-                exchange.total_seconds, exemplar=self._exemplar_now()
-            )
+        session = exchange.websocket
+        if session is not None:
+            self.websocket.finished(exchange, route)
+        if session is None or not session.opened:
+            # An open session left the in-flight gauge at its 101, and its length is the
+            # session duration's, not a request's.
+            self._in_flight(upstream).dec()
+            if exchange.total_seconds is not None:
+                self._duration(upstream, route).observe(
+                    exchange.total_seconds, exemplar=self._exemplar_now()
+                )
         if exchange.disconnect_side is not None and exchange.disconnect_phase is not None:
             self.disconnects.labels(
                 upstream, exchange.disconnect_side.value, exchange.disconnect_phase.value

@@ -60,11 +60,12 @@ class ServerSpans:
         self._tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in _TRACED:
             await self.app(scope, receive, send)
             return
         parent = _PROPAGATOR.extract(scope, getter=_SCOPE_HEADERS)
-        span = self._tracer.start_span(scope["method"], context=parent, kind=SpanKind.SERVER)
+        method = scope.get("method", "GET")  # a WebSocket handshake's scope has none
+        span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         recording = span.is_recording()
         downstream = send
@@ -72,7 +73,9 @@ class ServerSpans:
             span.set_attributes(_server_attributes(scope))
 
             async def downstream(message: Message) -> None:
-                if message["type"] == "http.response.start":
+                if message["type"] == "websocket.accept":
+                    span.set_attribute("http.response.status_code", 101)
+                elif message["type"] in _RESPONSE_STARTS:
                     status: int = message["status"]
                     span.set_attribute("http.response.status_code", status)
                     if status >= 500:
@@ -91,9 +94,14 @@ class ServerSpans:
             otel_context.detach(token)
 
 
+# One span per WebSocket session too, covering it whole (no span per message).
+_TRACED = frozenset({"http", "websocket"})
+_RESPONSE_STARTS = frozenset({"http.response.start", "websocket.http.response.start"})
+
+
 def _server_attributes(scope: Scope) -> dict[str, Any]:
     attributes: dict[str, Any] = {
-        "http.request.method": scope["method"],
+        "http.request.method": scope.get("method", "GET"),
         "url.scheme": scope.get("scheme", "http"),
         "url.path": scope["path"],
         "network.protocol.version": scope.get("http_version", "1.1"),

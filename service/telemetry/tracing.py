@@ -44,6 +44,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from ..config import TracingConfig
 from ..errors import FAILURES
 from ..exchange import Exchange, ExchangeObserver, Side
+from ..session import Session
 from ..upstreams.attempt import resends_of
 from .native_spans import RESEND_COUNT_ATTRIBUTE, ClientSpans, ServerSpans
 
@@ -196,6 +197,21 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
+def session_attributes(session: Session) -> dict[str, str | int]:
+    """A WebSocket session's outcome on its server span (one span per session)."""
+    attributes: dict[str, str | int] = {
+        "relay.websocket.messages_to_upstream": session.messages_to_upstream,
+        "relay.websocket.messages_to_client": session.messages_to_client,
+    }
+    if session.result is not None:
+        attributes["relay.websocket.result"] = session.result.value
+    if session.close_code is not None:
+        attributes["relay.websocket.close_code"] = session.close_code
+    if session.closed_by is not None:
+        attributes["relay.websocket.closed_by"] = session.closed_by.value
+    return attributes
+
+
 class TracingObserver(ExchangeObserver):
     """Names the server span after the route and records the exchange's outcome on it.
 
@@ -259,3 +275,6 @@ class TracingObserver(ExchangeObserver):
             span.set_status(Status(StatusCode.ERROR, FAILURES[exchange.reason].text))
         elif exchange.disconnect_side is Side.CLIENT:
             span.set_attribute("relay.reason", "client_disconnect")
+        session = exchange.websocket
+        if session is not None:
+            span.set_attributes(session_attributes(session))

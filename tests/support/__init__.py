@@ -14,6 +14,8 @@ Test modules import from here, never from each other.
                 the shipped artefacts they check
 ``tiers``       the ``live`` marker's guard: a helper that starts a process or a tool
                 refuses to run in a test not marked ``live``
+``ws_upstream``  a real WebSocket upstream (the ``websockets`` server): echo, refusal,
+                close codes, vanishing, and the handshakes it received
 ``worker_hooks``, ``app_hook_example``: ``server.app_hook``s the tests name in configs;
 ``bulk_upstream``: a script the streaming tests run as a process of its own
 """
