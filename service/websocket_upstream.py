@@ -62,7 +62,8 @@ def websocket_target(upstream: Upstream, route: RouteConfig, scope: Scope) -> Ta
     """The upstream URL of a WebSocket request: the upstream's scheme (http -> ws,
     https -> wss) and authority (or the client's Host with ``preserve_host``), its base
     path and the route's rewrite, as for HTTP. One function, so that endpoint selection
-    can choose ``host`` and ``port`` here."""
+    chooses ``host`` and ``port`` here. Raises ``HandshakeFailed`` when the upstream has
+    endpoints and none is healthy."""
     url = upstream.base_url
     scheme = "wss" if url.scheme == "https" else "ws"
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -73,10 +74,14 @@ def websocket_target(upstream: Upstream, route: RouteConfig, scope: Scope) -> Ta
     if upstream.config.preserve_host:
         host = dict(scope["headers"]).get(b"host")
         authority = host or authority
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return Target(
-        f"{scheme}://{authority.decode('latin-1')}{target.decode('latin-1')}", url.host, port
-    )
+    host, port = url.host, url.port or (443 if url.scheme == "https" else 80)
+    if upstream.balancer is not None:
+        # An upstream of many endpoints: the session goes where a request would.
+        endpoint = upstream.balancer.choose()
+        if endpoint is None:
+            raise HandshakeFailed(Reason.NO_HEALTHY_ENDPOINT)
+        host, port = endpoint.host, endpoint.port
+    return Target(f"{scheme}://{authority.decode('latin-1')}{target.decode('latin-1')}", host, port)
 
 
 def handshake_headers(headers: RawHeaders) -> list[tuple[str, str]]:
@@ -156,7 +161,8 @@ async def open_upstream(
     if secure:
         tls = {
             "ssl": upstream.tls.context,
-            "server_hostname": server_name(upstream.config) or target.host,
+            # The URL's name, whichever endpoint address the session connects to.
+            "server_hostname": server_name(upstream.config) or upstream.base_url.host,
         }
     try:
         return await connect(

@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from service.session import SessionResult
 from service.telemetry.tracing import Instrumentation
 from tests.support.metrics import exposition_async, metric, samples, value
-from tests.support.net import eventually
+from tests.support.net import closed_port, eventually
 from tests.support.relays import RunningRelay, one_upstream, run_relay
 from tests.support.tls import server_context
 from tests.support.tracing import in_memory
@@ -613,3 +613,35 @@ def test_websocket_config_errors_name_the_field(
     with pytest.raises(ConfigError) as error:
         load_settings(path)
     assert message in str(error.value)
+
+
+async def test_a_session_goes_to_an_endpoint_of_an_upstream_of_many(no_error_logs: None) -> None:
+    """The url's host is a name nothing resolves: the session can only have reached the
+    upstream through the endpoint chosen for it, the handshake still naming the url."""
+    async with ws_upstream() as up:
+        settings = one_upstream("http://ws.example:1", endpoints=[up.url])
+        async with run_relay(settings) as relay:
+            async with client(relay.url.replace("http://", "ws://") + "/x") as ws:
+                await ws.send("via an endpoint")
+                assert await ws.recv() == "via an endpoint"
+            (request,) = up.handshakes
+            assert request.headers["host"] == "ws.example:1"
+            await sessions_closed(relay)
+
+
+async def test_an_upstream_with_no_healthy_endpoint_refuses_the_handshake_503() -> None:
+    settings = one_upstream(
+        "http://ws.example:1",
+        endpoints=[f"http://127.0.0.1:{closed_port()}"],
+        outlier={"consecutive_failures": 1, "max_ejection_percent": 100},
+    )
+    async with run_relay(settings) as relay:
+        assert (
+            await raw_exchange(relay.url, head("GET /x HTTP/1.1", "Host: t", "Connection: close"))
+        ).startswith(b"HTTP/1.1 502")  # the connect failure that ejects the only endpoint
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(relay.url.replace("http://", "ws://") + "/x"):
+                pass
+        response = refused.value.response
+        assert response.status_code == 503
+        assert "error=destination_unavailable" in response.headers["proxy-status"]

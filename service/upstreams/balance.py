@@ -127,6 +127,11 @@ class BalancingTransport(PoolTransport):
         a, b = eligible[first], eligible[second]
         return a if a.in_flight <= b.in_flight else b
 
+    def choose(self) -> Endpoint | None:
+        """An endpoint for a connection made outside the pools (a WebSocket session), by
+        the same choice a request's is; None when none is healthy."""
+        return self._pick()
+
     # -- sending -----------------------------------------------------------------------
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         endpoint = self._pick()
