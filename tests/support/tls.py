@@ -58,6 +58,12 @@ class TlsUpstream:
     def _sni(self, sslobj: Any, name: str | None, context: ssl.SSLContext) -> None:
         self.sni.append(name)
 
+    def use(self, context: ssl.SSLContext) -> None:
+        """Serve new connections with ``context``: swapped whole, as loading a certificate
+        into the context in use would race the handshakes of the serving threads."""
+        context.sni_callback = self._sni
+        self.context = context
+
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
