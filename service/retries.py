@@ -22,7 +22,7 @@ import httpx
 from .config import RouteConfig
 from .errors import UPSTREAM_ERRORS, Reason, StaleConnectionError, classify
 from .exchange import Exchange, ExchangeObserver
-from .retry_config import STALE_CONNECTION, STATUS_TRIGGERS, RetryConfig
+from .retry_config import STATUS_TRIGGERS, RetryConfig
 from .upstreams.attempt import attempt_of
 from .upstreams.pools import Body, Upstream
 
@@ -33,7 +33,7 @@ _TRIGGERS: dict[Reason, str] = {
     Reason.RESET: "reset",
     Reason.READ_TIMEOUT: "read_timeout",
 }
-# The reason label of relay_upstream_retries_total for each trigger (STALE_CONNECTION: the
+# The reason label of relay_upstream_retries_total for each trigger (stale_connection: the
 # pool gate's own retry).
 RETRY_REASONS: dict[str, str] = {
     "connect": "connect",
@@ -137,12 +137,13 @@ def route_plans(routes: Iterable[RouteConfig]) -> Mapping[int, RoutePlan]:
 
 
 def retry_reasons(routes: Iterable[RouteConfig]) -> dict[str, set[str]]:
-    """The reason labels each upstream's retries can have (shown at 0 from the start)."""
+    """The reason labels the retry policies of each upstream's routes can count, for the
+    upstreams some route retries on (shown at 0 from the start, with the budget's refusals;
+    the pool gate's own reasons are every upstream's)."""
     found: dict[str, set[str]] = {}
     for route in routes:
-        reasons = found.setdefault(route.upstream, {STALE_CONNECTION})
         if route.retry.attempts:
-            reasons.update(RETRY_REASONS[t] for t in route.retry.on)
+            found.setdefault(route.upstream, set()).update(RETRY_REASONS[t] for t in route.retry.on)
     return found
 
 
@@ -209,8 +210,11 @@ class Retrying:
     ) -> httpx.Response:
         resends = 0
         fresh = False
+        connects = "connect" in policy.on  # then the pool gate leaves refused connects to it
         while True:
             request = build(Body(_once(data)) if has_body else None)
+            if connects:
+                attempt_of(request).retry_connect = False
             if resends:
                 info = attempt_of(request)
                 info.resends = resends

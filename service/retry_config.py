@@ -20,8 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 #   502/503/504: the upstream answered that status (its response is closed unread).
 RetryOn = Literal["connect", "reset", "read_timeout", "502", "503", "504"]
 STATUS_TRIGGERS: frozenset[str] = frozenset({"502", "503", "504"})
-# The reason label of the pool gate's own retry, the stale keep-alive one.
+# The reason labels of the pool gate's own retries: the stale keep-alive one, and a refused
+# connect tried once more (the label a route policy's connect retries have too).
 STALE_CONNECTION = "stale_connection"
+CONNECT_RETRY = "connect"
 
 # RFC 9110 section 9.2.2: the methods whose repetition has the effect of one request.
 IDEMPOTENT = ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")

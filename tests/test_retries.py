@@ -183,6 +183,51 @@ async def test_connect_refused_then_accepted_is_served() -> None:
         await settled(relay)
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+async def test_without_a_policy_a_refused_connect_is_tried_once_more(
+    transport: str, method: str
+) -> None:
+    """Nothing was sent, so any method, body included, goes once more on a new connection
+    (to a Service address, it may reach another pod). The port listens from the moment the
+    pool gate decides to retry."""
+    upstream = ScriptedUpstream({"/s": echo})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    server = await asyncio.start_server(upstream.serve, sock=sock, start_serving=False)
+    config = one_upstream(f"http://127.0.0.1:{port_of(sock)}", transport)
+    async with server, run_relay(config) as relay:
+        metrics = relay.relay.metrics
+        count = metrics.retry
+        started: list[asyncio.Task[None]] = []
+
+        def listen_then_count(name: str, reason: str) -> None:
+            sock.listen()  # the retry's connection waits in the backlog
+            started.append(asyncio.ensure_future(server.start_serving()))
+            count(name, reason)
+
+        metrics.retry = listen_then_count  # type: ignore[method-assign]
+        body = b"x" * 3000 if method == "POST" else None
+        async with http_client() as client:
+            response = await client.request(method, f"{relay.url}/s", content=body)
+        assert response.status_code == 200
+        assert response.content == (body or b"")
+        assert len(started) == 1
+        assert await retries(relay, "connect") == 1
+        await settled(relay)
+
+
+async def test_without_a_policy_a_refused_connect_is_tried_only_once_more() -> None:
+    async with run_relay(one_upstream(f"http://127.0.0.1:{closed_port()}")) as relay:
+        async with http_client() as client:
+            response = await client.post(f"{relay.url}/s", content=b"body")
+        assert response.status_code == 502
+        assert response.headers["proxy-status"] == 'relay; error=connection_refused; next-hop="up"'
+        assert await retries(relay, "connect") == 1
+        assert await metric(relay, "relay_upstream_errors_total", upstream="up") == 1
+        await settled(relay)
+
+
 async def test_read_timeout_is_retried_only_when_listed(scripted: ScriptedUpstream) -> None:
     scripted.handlers["/s"] = failing_first(1, hang)
     config = retrying(scripted.url, on=["read_timeout"])
@@ -443,11 +488,15 @@ def test_retry_series_start_at_zero_for_the_policy_reasons() -> None:
     from service.telemetry.metrics import Metrics
 
     metrics = Metrics()
-    metrics.start_at_zero(["a", "b"], [], [], {"a": {"stale_connection", "connect"}})
+    metrics.start_at_zero(["a", "b"], [], [], {"a": {"connect", "status_503"}})
     text = metrics.render(None)[0].decode()
-    assert 'relay_upstream_retries_total{reason="connect",upstream="a"} 0.0' in text
-    assert 'relay_upstream_retries_total{reason="stale_connection",upstream="b"} 0.0' in text
-    assert 'relay_upstream_retries_total{reason="connect",upstream="b"}' not in text
+    assert 'relay_upstream_retries_total{reason="status_503",upstream="a"} 0.0' in text
+    # The pool gate's own reasons are every upstream's.
+    for upstream in ("a", "b"):
+        for reason in ("stale_connection", "connect"):
+            line = f'relay_upstream_retries_total{{reason="{reason}",upstream="{upstream}"}} 0.0'
+            assert line in text
+    assert 'relay_upstream_retries_total{reason="status_503",upstream="b"}' not in text
     assert 'relay_upstream_retry_budget_exhausted_total{upstream="a"} 0.0' in text
     assert 'relay_upstream_retry_budget_exhausted_total{upstream="b"}' not in text
 

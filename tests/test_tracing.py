@@ -153,8 +153,11 @@ async def test_errors_recorded_with_reason(
     assert server.attributes is not None
     assert server.attributes["relay.reason"] == "connect"
     assert [e.name for e in server.events] == ["proxy_error"]
-    (client_span,) = by_kind(spans, SpanKind.CLIENT)
-    assert client_span.status.status_code is StatusCode.ERROR
+    # A refused connect is tried once more: a client span per attempt, both failed.
+    attempts = by_kind(spans, SpanKind.CLIENT)
+    assert [a.status.status_code for a in attempts] == [StatusCode.ERROR] * 2
+    resends = [(a.attributes or {}).get("http.request.resend_count") for a in attempts]
+    assert sorted(resends, key=lambda r: r or 0) == [None, 1]
 
 
 async def test_client_disconnect_is_an_event(

@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..errors import CLIENT_REASONS, Reason
 from ..exchange import Exchange, ExchangeObserver, Phase, Side
-from ..retry_config import STALE_CONNECTION
+from ..retry_config import CONNECT_RETRY, STALE_CONNECTION
 from ..upstreams.pools import PoolSnapshot
 from .endpoint_metrics import EndpointCountSource, EndpointMetrics
 from .multiproc import PodScrape, process_collectors
@@ -343,10 +343,10 @@ class Metrics(ExchangeObserver):
         and status code) and the histograms appear on first use: creating them for every
         method and code would multiply the series of each route by about 50. ``tls_files``:
         the upstreams whose TLS files are watched (their reloads, by result).
-        ``retry_reasons``: per upstream, the retry reasons its routes' policies can count
-        (stale_connection is there for every upstream), and the budget's refusals for those
-        that have any. ``websocket_routes``: the routes that proxy WebSockets (their
-        sessions, by result).
+        ``retry_reasons``: the reasons the routes' retry policies can count, for the upstreams
+        some route retries on (with the budget's refusals); the pool gate's own,
+        stale_connection and connect, are there for every upstream. ``websocket_routes``: the
+        routes that proxy WebSockets (their sessions, by result).
         """
         names = list(upstreams)
         per_upstream = [(name,) for name in names]
@@ -358,9 +358,10 @@ class Metrics(ExchangeObserver):
         for family in (self.pool_timeouts, self.request_bytes, self.response_bytes):
             zero(family, UPSTREAM, per_upstream)
         policies = retry_reasons or {}
-        retried = [(u, r) for u in names for r in sorted({STALE_CONNECTION, *policies.get(u, ())})]
+        own = {STALE_CONNECTION, CONNECT_RETRY}  # the pool gate's, on every upstream
+        retried = [(u, r) for u in names for r in sorted(own | set(policies.get(u, ())))]
         zero(self.retries, RETRY_LABELS, retried)
-        budgets = [(u,) for u in names if set(policies.get(u, ())) - {STALE_CONNECTION}]
+        budgets = [(u,) for u in names if u in policies]
         zero(self.retry_budget_exhausted, UPSTREAM, budgets)
         zero(self.in_flight, UPSTREAM, per_upstream)
         pairs = list(routes)
@@ -377,8 +378,8 @@ class Metrics(ExchangeObserver):
     def pool_timeout(self, upstream: str) -> None:
         self.pool_timeouts.labels(upstream).inc()
 
-    def retry(self, upstream: str) -> None:
-        self._retries(upstream, STALE_CONNECTION).inc()
+    def retry(self, upstream: str, reason: str) -> None:
+        self._retries(upstream, reason).inc()
 
     def tls_reload(self, upstreams: Iterable[str], swapped: bool) -> None:
         """The TLS files of ``upstreams`` changed: ``swapped`` if the new ones are in use."""

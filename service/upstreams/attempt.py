@@ -15,10 +15,13 @@ ATTEMPT_EXTENSION = "relay.attempt"
 class AttemptInfo:
     """Per-attempt facts a transport reports back to the retry policy."""
 
-    __slots__ = ("fresh", "resends", "reused")
+    __slots__ = ("fresh", "resends", "retry_connect", "reused")
 
     def __init__(self) -> None:
         self.reused = False
+        # Whether the pool gate may send it once more after a refused connect (off when the
+        # route's retry policy handles connect failures itself).
+        self.retry_connect = True
         # How many times this request was sent before (http.request.resend_count).
         self.resends = 0
         # Set for the stale keep-alive retry: any other pooled connection may be just as

@@ -30,7 +30,8 @@ import anyio
 import httpx
 
 from ..config import UpstreamConfig
-from ..errors import StaleConnectionError
+from ..errors import Reason, StaleConnectionError, classify
+from ..retry_config import CONNECT_RETRY, STALE_CONNECTION
 from .aiohttp_pool import AiohttpTransport, SharedResolver
 from .attempt import PoolTransport, WrappedStream, attempt_of
 from .balance import ENDPOINT_EXTENSION, BalancingTransport, balancer_class
@@ -48,8 +49,9 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 class PoolObserver(Protocol):
     def pool_wait(self, upstream: str, seconds: float) -> None: ...
     def pool_timeout(self, upstream: str) -> None: ...
-    # A stale keep-alive retry (any method retried is idempotent).
-    def retry(self, upstream: str) -> None: ...
+    # A request sent again by the gate: ``reason`` stale_connection (the keep-alive race)
+    # or connect (a refused connection, nothing sent).
+    def retry(self, upstream: str, reason: str) -> None: ...
 
 
 class _NullObserver:
@@ -59,7 +61,7 @@ class _NullObserver:
     def pool_timeout(self, upstream: str) -> None:
         pass
 
-    def retry(self, upstream: str) -> None:
+    def retry(self, upstream: str, reason: str) -> None:
         pass
 
 
@@ -81,9 +83,17 @@ class Body(httpx.AsyncByteStream):
 
     def __init__(self, chunks: AsyncIterator[bytes]) -> None:
         self._chunks = chunks
+        self.started = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
         return self._chunks
+
+
+def _unsent(request: httpx.Request) -> bool:
+    """Whether nothing of ``request``'s body has been read for sending yet."""
+    stream = request.stream
+    return not isinstance(stream, Body) or not stream.started
 
 
 class _GatedStream(WrappedStream):
@@ -159,9 +169,13 @@ class GatedTransport(httpx.AsyncBaseTransport):
         observer: PoolObserver,
         max_waiting: int | None = None,
         wrap: TransportWrapper | None = None,
+        retry_connect: bool = True,
     ) -> None:
+        """``retry_connect``: try a refused connect once more (not for a balancer, which
+        tries another endpoint itself)."""
         self.name = name
         self.inner = inner
+        self._retry_connect = retry_connect
         # Requests go through the wrapper (tracing: one client span per attempt); the bare
         # inner transport is kept for pool statistics and its lifecycle.
         self._send: httpx.AsyncBaseTransport = inner if wrap is None else wrap(name, inner)
@@ -215,10 +229,23 @@ class GatedTransport(httpx.AsyncBaseTransport):
             replayable = request.stream is NO_BODY
             if request.method not in IDEMPOTENT_METHODS or not replayable:
                 raise
-            self._observer.retry(self.name)
+            self._observer.retry(self.name, STALE_CONNECTION)
             info = attempt_of(request)
             info.fresh, info.reused = True, False
             info.resends += 1
+            return await self._attempt(request, lease)
+        except httpx.ConnectError as exc:
+            # Refused (or not resolved): nothing was sent, so any method may go once more,
+            # on a new connection; to a Service address it may reach another pod. An
+            # upstream of many endpoints tries another endpoint instead (balance.py).
+            info = attempt_of(request)
+            if not (self._retry_connect and info.retry_connect) or not _unsent(request):
+                raise
+            if classify(exc) is not Reason.CONNECT:
+                raise  # a TLS failure is raised as a connect error too: not retried
+            info.retry_connect = False
+            info.resends += 1
+            self._observer.retry(self.name, CONNECT_RETRY)
             return await self._attempt(request, lease)
 
     async def _attempt(self, request: httpx.Request, lease: _Lease) -> httpx.Response:
@@ -326,6 +353,7 @@ class Upstream:
             max_waiting=config.pool.max_waiting,
             observer=observer,
             wrap=wrap,
+            retry_connect=self.balancer is None,
         )
         t = config.timeouts
         self.client = UpstreamClient(
