@@ -62,7 +62,8 @@ from common import (
 from stock_httpx_aiohttp import swap_to_stock
 
 from service.config import UpstreamConfig
-from service.upstreams.pools import Upstream, _NullObserver
+from service.upstreams.gated import NullPoolObserver
+from service.upstreams.pools import Upstream
 
 
 @dataclass
@@ -307,7 +308,7 @@ async def relay_upstream_in_process(
             "timeouts": {"pool": s.pool_timeout},
         }
     )
-    upstream = Upstream("up", config, _NullObserver())
+    upstream = Upstream("up", config, NullPoolObserver())
     async with upstream.client as client:
         if transport == "stock":
             await swap_to_stock(upstream)

@@ -24,7 +24,8 @@ from .telemetry.metrics import Metrics
 from .telemetry.pod import WorkerSlot, WorkerState
 from .telemetry.tracing import Tracing, TracingObserver, current_exemplar
 from .upstreams.endpoints import EndpointCounts
-from .upstreams.pools import PoolSnapshot, UpstreamSet
+from .upstreams.gated import PoolSnapshot
+from .upstreams.pools import UpstreamSet
 from .upstreams.tls import TlsSource, check_files, tls_settings
 
 POOL_SAMPLE_SECONDS = 1.0

@@ -4,7 +4,7 @@ answered with the proxy's own error.
 Disconnect safety rests on one rule: the upstream response is closed in a ``finally`` of
 the task that opened it, whatever ends the exchange (completion, a client that hangs up, an
 upstream that fails, cancellation at shutdown), and that close runs to its end even when a
-cancellation arrives during it (see ``upstreams.pools._GatedStream``). Nothing depends on
+cancellation arrives during it (see ``upstreams.gated._GatedStream``). Nothing depends on
 Starlette background tasks, which are skipped on some paths.
 """
 
@@ -42,7 +42,8 @@ from .request_ids import RequestIds
 from .retries import Retrying, RoutePlan, route_plans
 from .route_policy import HeaderEdits, RoutePolicy
 from .routing import rewrite_path
-from .upstreams.pools import Body, Upstream
+from .upstreams.gated import Body
+from .upstreams.pools import Upstream
 
 log = logging.getLogger("relay.proxy")
 

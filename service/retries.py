@@ -24,7 +24,8 @@ from .errors import UPSTREAM_ERRORS, Reason, StaleConnectionError, classify
 from .exchange import Exchange, ExchangeObserver
 from .retry_config import STATUS_TRIGGERS, RetryConfig
 from .upstreams.attempt import attempt_of
-from .upstreams.pools import Body, Upstream
+from .upstreams.gated import Body
+from .upstreams.pools import Upstream
 
 # What a failed attempt was, as a trigger of ``retry.on`` (statuses are matched directly).
 _TRIGGERS: dict[Reason, str] = {

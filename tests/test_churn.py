@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from service.config import UpstreamConfig
-from service.upstreams.pools import Upstream, _NullObserver
+from service.upstreams.gated import NullPoolObserver
+from service.upstreams.pools import Upstream
 from tests.support.http import http_client
 from tests.support.net import eventually
 from tests.support.relays import run_relay
@@ -55,7 +56,7 @@ async def test_pool_survives_cancellation_churn_in_process(transport: str) -> No
                 "timeouts": {"pool": 2},
             }
         )
-        pool = Upstream("up", config, _NullObserver())
+        pool = Upstream("up", config, NullPoolObserver())
         async with pool.client as client:
             gave_up = await churn(lambda: client.get(f"{upstream.url}/"))
             assert gave_up > 100, "the churn must actually cancel requests"

@@ -37,6 +37,7 @@ ALLOWED = {
     "telemetry": {
         "vocabulary",
         "service.upstreams.pools",
+        "service.upstreams.gated",
         "service.upstreams.attempt",
         "service.upstreams.endpoints",
     },

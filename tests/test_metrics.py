@@ -274,7 +274,7 @@ async def test_counters_start_at_zero_for_every_configured_upstream_and_route() 
 
 POOL_EXPOSITION = """
 import sys
-from service.upstreams.pools import PoolSnapshot
+from service.upstreams.gated import PoolSnapshot
 if sys.argv[1] == "multi":
     from service.telemetry.multiproc import use_files_of
     use_files_of("w0")

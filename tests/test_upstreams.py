@@ -165,15 +165,16 @@ def test_upstreams_share_one_tls_context_per_distinct_setting(tmp_path: Path) ->
 
     from service.config import UpstreamConfig
     from service.upstreams.aiohttp_pool import AiohttpTransport
+    from service.upstreams.gated import NullPoolObserver
     from service.upstreams.httpcore_pool import HttpcoreTransport
-    from service.upstreams.pools import Upstream, _NullObserver
+    from service.upstreams.pools import Upstream
     from service.upstreams.tls import TlsSettings, tls_context, tls_source
 
     tls_source.cache_clear()
 
     def context_of(url: str, transport: str, verify: bool = True, **tls: Any) -> ssl.SSLContext:
         config = UpstreamConfig(url=url, transport=transport, tls={"verify": verify, **tls})
-        inner = Upstream("u", config, _NullObserver()).transport.inner
+        inner = Upstream("u", config, NullPoolObserver()).transport.inner
         assert isinstance(inner, AiohttpTransport | HttpcoreTransport)
         return inner._tls.context
 

@@ -34,7 +34,7 @@ from .. import __version__
 from ..errors import CLIENT_REASONS, Reason
 from ..exchange import Exchange, ExchangeObserver, Phase, Side
 from ..retry_config import CONNECT_RETRY, STALE_CONNECTION
-from ..upstreams.pools import PoolSnapshot
+from ..upstreams.gated import PoolSnapshot
 from .endpoint_metrics import EndpointCountSource, EndpointMetrics
 from .multiproc import PodScrape, process_collectors
 from .pod import PodTable

@@ -50,7 +50,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
 
     # Whether a plain asyncio cancellation may reach the pool's request and close paths
     # without losing a connection. False makes the gate run them in tasks of their own
-    # (pools.py explains why httpcore needs that).
+    # (gated.py explains why httpcore needs that).
     cancel_safe: ClassVar[bool]
 
     def idle_connections(self) -> int:

@@ -20,7 +20,7 @@ from .tls import TlsSource, as_source
 class HttpcoreTransport(httpx.AsyncHTTPTransport, PoolTransport):
     """httpx's default transport, plus what the gate and retry policy need from it."""
 
-    cancel_safe = False  # encode/httpcore#1093: see pools.py
+    cancel_safe = False  # encode/httpcore#1093: see gated.py
 
     def __init__(self, *, tls: TlsSource | ssl.SSLContext, **kwargs: Any) -> None:
         """``tls``: the source of upstream connections' context (upstreams/tls.py)."""
