@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.config import UpstreamConfig
+from service.config_upstreams import UpstreamConfig
 from service.upstreams.pools import Upstream, UpstreamSet
 
 Send = Callable[[httpx.Request], Awaitable[httpx.Response]]

@@ -61,7 +61,7 @@ from common import (
 )
 from stock_httpx_aiohttp import swap_to_stock
 
-from service.config import UpstreamConfig
+from service.config_upstreams import UpstreamConfig
 from service.upstreams.gated import NullPoolObserver
 from service.upstreams.pools import Upstream
 

@@ -23,7 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.config import HeaderPolicy, Settings
+from service.config import Settings
+from service.config_routes import HeaderPolicy
 from service.headers import RequestContext, downstream_response_headers, upstream_request_headers
 from service.route_policy import HeaderEdits, RoutePolicies
 

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AnyHttpUrl,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -32,12 +28,11 @@ from pydantic_settings import (
 )
 
 from .config_endpoints import (
-    DiscoveryConfig,
-    HealthCheckConfig,
-    OutlierConfig,
-    check_endpoints,
+    Strict,
 )
 from .config_errors import env_overrides, format_validation_error
+from .config_routes import RESERVED_HEADERS, HeaderPolicy, RouteTimeouts
+from .config_upstreams import UpstreamConfig
 from .retry_config import RetryConfig
 from .route_index import Conflict, find_conflict
 
@@ -54,231 +49,7 @@ class ConfigError(Exception):
     """Raised for any invalid configuration; the message names the offending field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PoolConfig(_Strict):
-    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 100
-    # Unset: as many as max_connections (a pool that keeps fewer alive than it may open
-    # reconnects under steady load).
-    max_keepalive_connections: Annotated[int, Field(ge=0, le=100_000)] = 100
-    keepalive_expiry_seconds: Seconds = 30.0
-    # Requests that may wait for a free connection; beyond, 503 at once rather than a wait
-    # that would end in a pool timeout anyway (0: no queue; null: unbounded).
-    max_waiting: Annotated[int, Field(ge=0)] | None = 1000
-    # Recycling (README, *Endpoints*): a connection that has lived this long, or carried
-    # this many requests, is closed when it comes back idle instead of being pooled, so a
-    # Service address re-balances over the pods behind it. null: never.
-    max_connection_age_seconds: Seconds | None = None
-    max_requests_per_connection: Annotated[int, Field(ge=1)] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _keepalive_defaults_to_max(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("max_keepalive_connections") is None:
-            limit = data.get("max_connections")
-            # Only a usable number is copied: a bad max_connections is reported once, as itself.
-            if isinstance(limit, int) or (isinstance(limit, str) and limit.strip().isdigit()):
-                return {**data, "max_keepalive_connections": limit}
-        return data
-
-    @model_validator(mode="after")
-    def _keepalive_within_max(self) -> PoolConfig:
-        if self.max_keepalive_connections > self.max_connections:
-            raise ValueError(
-                f"max_keepalive_connections ({self.max_keepalive_connections}) must not exceed "
-                f"max_connections ({self.max_connections})"
-            )
-        return self
-
-
-class TimeoutConfig(_Strict):
-    connect: Seconds | None = 5.0
-    read: Seconds | None = 30.0
-    write: Seconds | None = 30.0
-    pool: Seconds | None = 5.0
-
-
-class TlsConfig(_Strict):
-    """TLS towards an upstream (``https://`` URLs only). The files are read at start and
-    re-read when they change on disk (README, *Upstream TLS*)."""
-
-    verify: bool = True
-    # Extra trust anchors (PEM), on top of the default bundle unless system_ca is false.
-    ca_file: Path | None = None
-    system_ca: bool = True
-    # mTLS: the client certificate (PEM, chain allowed) and its key (unencrypted PEM); the
-    # key may sit in cert_file itself.
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    # SNI and the name the certificate must hold, for a URL holding an IP address.
-    server_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")] | None = None
-    min_version: Literal["1.2", "1.3"] = "1.2"
-    # How often the files are checked for a change (a stat each, off the request path).
-    reload_interval_seconds: Seconds = 5.0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TlsConfig:
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file: needs cert_file (the certificate of that key)")
-        if self.verify and not self.system_ca and self.ca_file is None:
-            raise ValueError(
-                "system_ca: false with no ca_file trusts nothing: give ca_file or set verify: false"
-            )
-        return self
-
-    @property
-    def files(self) -> bool:
-        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
-
-
-class UpstreamConfig(_Strict):
-    url: AnyHttpUrl
-    # Static base URLs (scheme, host and port) to connect to instead of url's host; url's
-    # host stays the Host header and the TLS server name.
-    endpoints: list[AnyHttpUrl] = []
-    discovery: DiscoveryConfig = DiscoveryConfig()
-    balance: Literal["least_request", "round_robin"] = "least_request"
-    outlier: OutlierConfig = OutlierConfig()
-    health_check: HealthCheckConfig = HealthCheckConfig()
-    transport: Literal["aiohttp", "httpcore"] = "aiohttp"
-    preserve_host: bool = False
-    # Deprecated: tls.verify (a warning at start; both given and different is an error).
-    verify_tls: bool | None = None
-    tls: TlsConfig = TlsConfig()
-    pool: PoolConfig = PoolConfig()
-    timeouts: TimeoutConfig = TimeoutConfig()
-
-    @model_validator(mode="after")
-    def _verify_tls_alias(self) -> UpstreamConfig:
-        old = self.verify_tls
-        if old is None or old == self.tls.verify:
-            return self
-        if "verify" in self.tls.model_fields_set:
-            raise ValueError(
-                f"verify_tls ({str(old).lower()}, deprecated) contradicts tls.verify "
-                f"({str(self.tls.verify).lower()}): give tls.verify only"
-            )
-        # Frozen model: the alias is folded into tls once, here.
-        object.__setattr__(self, "tls", self.tls.model_copy(update={"verify": old}))
-        return self
-
-    @model_validator(mode="after")
-    def _endpoints_consistent(self) -> UpstreamConfig:
-        check_endpoints(self.url, self.endpoints, self.discovery)
-        if self.transport != "aiohttp":
-            recycling = ("max_connection_age_seconds", "max_requests_per_connection")
-            for field in recycling:
-                if getattr(self.pool, field) is not None:
-                    raise ValueError(f"pool.{field}: needs transport: aiohttp")
-        return self
-
-    @property
-    def balanced(self) -> bool:
-        """Whether requests go through the endpoint set (else: one pool on url's host)."""
-        return (
-            bool(self.endpoints)
-            or self.discovery.mode != "none"
-            or self.health_check.path is not None
-        )
-
-    @field_validator("url", mode="before")
-    @classmethod
-    def _has_scheme(cls, value: Any) -> Any:
-        if isinstance(value, str) and "://" not in value:
-            raise ValueError(
-                f"{value!r} has no scheme: the URL needs http:// or https://, "
-                f"e.g. http://{value.lstrip('/')}"
-            )
-        return value
-
-    @field_validator("url")
-    @classmethod
-    def _no_query(cls, value: AnyHttpUrl) -> AnyHttpUrl:
-        if value.query or value.fragment:
-            raise ValueError("upstream url must not carry a query or fragment")
-        return value
-
-
-class RouteTimeouts(_Strict):
-    """A route's own timeouts. Each of connect, read, write and pool that is given replaces
-    the upstream's for this route (null: none); the others stay the upstream's. ``total``
-    bounds the whole exchange, the response body included (null: no bound)."""
-
-    connect: Seconds | None = None
-    read: Seconds | None = None
-    write: Seconds | None = None
-    pool: Seconds | None = None
-    total: Seconds | None = None
-
-    def overrides(self) -> dict[str, float | None]:
-        """The upstream timeouts this route replaces, by httpx's names."""
-        given = self.model_fields_set
-        return {n: getattr(self, n) for n in ("connect", "read", "write", "pool") if n in given}
-
-
-# RFC 9110 5.1 token: what a field name may be.
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")
-# Visible ASCII, spaces and tabs inside (RFC 9110 5.5, without obs-text): never CR, LF or NUL.
-HEADER_VALUE = re.compile(r"([\x21-\x7e]([\t\x20-\x7e]*[\x21-\x7e])?)?")
-
-
-class HeaderPolicy(_Strict):
-    """Fields a route sets or removes in one direction (README, *Header policies*)."""
-
-    set: dict[str, str] = {}  # each replaces every field of that name
-    remove: list[str] = []
-
-    @field_validator("set")
-    @classmethod
-    def _settable(cls, fields: dict[str, str]) -> dict[str, str]:
-        seen: dict[str, str] = {}
-        for name, value in fields.items():
-            _check_policy_name(name, "set")
-            if name.lower() in seen:
-                raise ValueError(
-                    f"{name!r} and {seen[name.lower()]!r} are the same field (names are "
-                    "case-insensitive): set it once"
-                )
-            seen[name.lower()] = name
-            if not HEADER_VALUE.fullmatch(value):
-                raise ValueError(f"{name!r}: {_value_problem(value)}: {value!r}")
-        return fields
-
-    @field_validator("remove")
-    @classmethod
-    def _removable(cls, names: list[str]) -> list[str]:
-        for name in names:
-            _check_policy_name(name, "removed")
-        return names
-
-    @model_validator(mode="after")
-    def _set_or_remove(self) -> HeaderPolicy:
-        both = {n.lower() for n in self.set} & {n.lower() for n in self.remove}
-        if both:
-            raise ValueError(
-                f"{sorted(both)[0]!r} is both set and removed: set already replaces every "
-                "field of that name"
-            )
-        return self
-
-
-def _value_problem(value: str) -> str:
-    if value != value.strip(" \t"):
-        return "a value must not start or end with a space or tab"
-    return "a value holds visible ASCII, spaces and tabs only (no CR, LF, NUL or other controls)"
-
-
-def _check_policy_name(name: str, verb: str) -> None:
-    if not HEADER_NAME.fullmatch(name):
-        raise ValueError(f"{name!r} is not a valid header field name")
-    why = reserved_why(name)
-    if why is not None:
-        raise ValueError(f"{name!r} cannot be {verb} by a header policy: {why}")
-
-
-class RouteConfig(_Strict):
+class RouteConfig(Strict):
     name: Name | None = None
     prefix: Annotated[str, Field(pattern=r"^/[^?#\s]*$")] = "/"
     host: Annotated[str, Field(pattern=r"^(\*\.)?[A-Za-z0-9.-]+$")] | None = None
@@ -297,7 +68,7 @@ class RouteConfig(_Strict):
         return self.name or self.upstream
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     admin_host: str = "0.0.0.0"
@@ -326,7 +97,7 @@ class ServerConfig(_Strict):
     app_hook: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None
 
 
-class LogConfig(_Strict):
+class LogConfig(Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
     access_log: bool = True
@@ -335,69 +106,7 @@ class LogConfig(_Strict):
     access_sample: Annotated[int, Field(ge=1)] = 1
 
 
-# Header fields the proxy itself removes, rewrites or adds (service.headers: hop-by-hop,
-# forwarding and claimed-client names, framing, Via; the trace context): a request id in
-# one of them would be dropped or overwritten on the way. tests/test_request_ids.py checks
-# that every name service.headers handles is here.
-RESERVED_HEADERS: frozenset[str] = frozenset(
-    {
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "host",
-        "content-length",
-        "via",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-real-ip",
-        "x-forwarded-port",
-        "x-forwarded-prefix",
-        "x-forwarded-server",
-        "x-original-url",
-        "x-rewrite-url",
-        "true-client-ip",
-        "x-client-ip",
-        "x-cluster-client-ip",
-        "proxy-status",
-        "traceparent",
-        "tracestate",
-    }
-)
-
-# Why a header policy may not set or remove a reserved field, by kind (the rules of
-# service.headers are not configurable).
-_FRAMING = frozenset({"host", "content-length", "transfer-encoding"})
-_HOP_BY_HOP = frozenset(
-    {"connection", "proxy-connection", "keep-alive", "te", "trailer", "upgrade"}
-    | {"proxy-authenticate", "proxy-authorization"}
-)
-_OWN = frozenset({"via", "proxy-status", "traceparent", "tracestate"})
-
-
-def reserved_why(name: str) -> str | None:
-    """Why no header policy may set or remove ``name``: one of RESERVED_HEADERS or any
-    ``X-Forwarded-*`` (None: a policy may)."""
-    lower = name.lower()
-    if lower not in RESERVED_HEADERS and not lower.startswith("x-forwarded-"):
-        return None
-    if lower in _FRAMING:
-        return "the proxy writes Host and the message framing itself"
-    if lower in _HOP_BY_HOP:
-        return "a hop-by-hop field, never forwarded"
-    if lower in _OWN:
-        return "the proxy writes it itself (Via, Proxy-Status, the trace context)"
-    return "a forwarding field, kept or dropped by server.trusted_proxies only"
-
-
-class RequestIdConfig(_Strict):
+class RequestIdConfig(Strict):
     """The request id every exchange carries (README, *Request ids*)."""
 
     # Read from trusted clients, sent upstream, returned on every response.
@@ -413,7 +122,7 @@ class RequestIdConfig(_Strict):
         return value
 
 
-class TracingConfig(_Strict):
+class TracingConfig(Strict):
     """How spans are made; whether and where they go is the ``OTEL_*`` variables' business."""
 
     # stock: opentelemetry-instrumentation-fastapi and -httpx. native: the same spans made
@@ -421,13 +130,13 @@ class TracingConfig(_Strict):
     instrumentation: Literal["stock", "native"] = "stock"
 
 
-class DemoConfig(_Strict):
+class DemoConfig(Strict):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8081
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     """Bounds on what a client may send, enforced while the request is parsed."""
 
     max_request_target_bytes: Annotated[int, Field(ge=16)] = 8192  # 414 beyond
@@ -449,7 +158,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-class WebSocketConfig(_Strict):
+class WebSocketConfig(Strict):
     """WebSocket sessions (README, *WebSocket*)."""
 
     # A message (text or binary, all its fragments) larger than this either way closes the

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import HeaderPolicy, RouteConfig, UpstreamConfig
+from .config import RouteConfig
+from .config_routes import HeaderPolicy
+from .config_upstreams import UpstreamConfig
 
 RawHeaders = list[tuple[bytes, bytes]]
 Timeouts = dict[str, float | None]

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from service.config import UpstreamConfig
+from service.config_upstreams import UpstreamConfig
 from service.upstreams.gated import NullPoolObserver
 from service.upstreams.pools import Upstream
 from tests.support.http import http_client

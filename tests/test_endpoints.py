@@ -19,7 +19,8 @@ import pytest
 import trustme
 from opentelemetry.trace import SpanKind
 
-from service.config import ConfigError, OutlierConfig, load_settings
+from service.config import ConfigError, load_settings
+from service.config_endpoints import OutlierConfig
 from service.telemetry.tracing import Instrumentation
 from service.upstreams.aiohttp_pool import AiohttpTransport
 from service.upstreams.balance import BalancingTransport

@@ -10,7 +10,8 @@ from pathlib import Path
 SERVICE = Path(__file__).resolve().parent.parent / "service"
 VOCABULARY = {"service", "service.config", "service.config_errors", "service.errors"}
 VOCABULARY |= {"service.exchange", "service.compat", "service.route_index", "service.session"}
-VOCABULARY |= {"service.retry_config", "service.config_endpoints"}
+VOCABULARY |= {"service.retry_config", "service.config_endpoints", "service.config_routes"}
+VOCABULARY |= {"service.config_upstreams"}
 CORE = {"service.app", "service.proxy", "service.forwarding", "service.routing"}
 CORE |= {"service.headers", "service.request_ids", "service.route_policy"}
 CORE |= {"service.retries"}

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from opentelemetry.trace import SpanKind
 
-from service.config import RESERVED_HEADERS, ConfigError, LogConfig, load_settings
+from service.config import ConfigError, LogConfig, load_settings
+from service.config_routes import RESERVED_HEADERS
 from service.headers import CLAIMED_NAMES, FORWARDED_NAMES, HOP_BY_HOP, forwarded_client
 from service.request_ids import MAX_LENGTH, acceptable, new_request_id
 from service.telemetry.logs import configure

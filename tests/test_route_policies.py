@@ -17,13 +17,8 @@ import yaml
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import ValidationError
 
-from service.config import (
-    RESERVED_HEADERS,
-    ConfigError,
-    HeaderPolicy,
-    RouteConfig,
-    load_settings,
-)
+from service.config import ConfigError, RouteConfig, load_settings
+from service.config_routes import RESERVED_HEADERS, HeaderPolicy
 from service.headers import RequestContext, downstream_response_headers, upstream_request_headers
 from service.route_policy import HeaderEdits, RoutePolicies, RoutePolicy
 from service.telemetry.tracing import Instrumentation
@@ -449,7 +444,7 @@ def test_bad_policies_are_refused_in_one_line_naming_the_field(
 
 @pytest.mark.parametrize("name", [*sorted(RESERVED_HEADERS), "X-Forwarded-Anything"])
 def test_every_field_the_proxy_owns_is_refused_both_ways(name: str) -> None:
-    """The one list (config.RESERVED_HEADERS, which tests/test_request_ids.py checks against
+    """The one list (config_routes.RESERVED_HEADERS, which tests/test_request_ids.py checks against
     every name service.headers handles), in any case, for set and for remove."""
     with pytest.raises(ValidationError, match="cannot be set by a header policy"):
         HeaderPolicy.model_validate({"set": {name.upper(): "x"}})

@@ -18,7 +18,8 @@ import trustme
 import yaml
 
 from service.app import check_tls_files
-from service.config import ConfigError, Settings, UpstreamConfig, deprecations, load_settings
+from service.config import ConfigError, Settings, deprecations, load_settings
+from service.config_upstreams import UpstreamConfig
 from service.errors import Reason
 from tests.support.http import http_client
 from tests.support.metrics import metric, scrape_async

@@ -163,7 +163,7 @@ def test_upstreams_share_one_tls_context_per_distinct_setting(tmp_path: Path) ->
 
     import trustme
 
-    from service.config import UpstreamConfig
+    from service.config_upstreams import UpstreamConfig
     from service.upstreams.aiohttp_pool import AiohttpTransport
     from service.upstreams.gated import NullPoolObserver
     from service.upstreams.httpcore_pool import HttpcoreTransport
@@ -213,7 +213,7 @@ def test_upstreams_share_one_tls_context_per_distinct_setting(tmp_path: Path) ->
 async def test_aiohttp_pools_share_one_resolver() -> None:
     """aiohttp would give each upstream's pool a resolver of its own; a pool opens on its
     upstream's first request."""
-    from service.config import UpstreamConfig
+    from service.config_upstreams import UpstreamConfig
     from service.upstreams.aiohttp_pool import AiohttpTransport
     from service.upstreams.pools import UpstreamSet
 

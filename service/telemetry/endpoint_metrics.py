@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..config import UpstreamConfig
+from ..config_upstreams import UpstreamConfig
 from ..upstreams.endpoints import EJECTION_REASONS, EndpointCounts, State
 from .zeros import ZeroSeries
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import httpx
 
-from ..config import UpstreamConfig
+from ..config_upstreams import UpstreamConfig
 from ..errors import NoHealthyEndpoint, Reason, StaleConnectionError, classify
 from .attempt import PoolTransport, WrappedStream
 from .discovery import DnsDiscovery

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from ..config import UpstreamConfig
+from ..config_upstreams import UpstreamConfig
 from .aiohttp_pool import AiohttpTransport, SharedResolver
 from .attempt import PoolTransport
 from .balance import ENDPOINT_EXTENSION, BalancingTransport, balancer_class

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import PoolConfig
+from ..config_upstreams import PoolConfig
 
 AGE = "age"
 REQUESTS = "requests"

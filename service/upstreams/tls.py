@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from ..config import ConfigError, UpstreamConfig
+from ..config import ConfigError
+from ..config_upstreams import UpstreamConfig
 
 log = logging.getLogger("relay.tls")
 
