@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from contextlib import AsyncExitStack
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from service.upstreams.gated import NullPoolObserver
 from service.upstreams.pools import Upstream
 from tests.support.http import http_client
 from tests.support.net import eventually
-from tests.support.relays import run_relay
+from tests.support.relays import pool_settled, run_relay
 from tests.support.scripted import ScriptedUpstream, respond
 
 CHURN_SECONDS = 2.0
@@ -69,9 +70,18 @@ async def test_pool_survives_cancellation_churn_in_process(transport: str) -> No
 
 
 @pytest.mark.usefixtures("no_error_logs")
-async def test_proxy_survives_clients_hanging_up_at_random(transport: str) -> None:
+@pytest.mark.parametrize("layout", ["url", "endpoints"])
+async def test_proxy_survives_clients_hanging_up_at_random(transport: str, layout: str) -> None:
+    """By the upstream's url, or over two endpoints (two loopback addresses of one server):
+    every pool, per endpoint and per upstream, back to idle."""
     upstream = ScriptedUpstream({"/": respond(200, b"ok" * 500)})
-    async with upstream.running():
+    async with upstream.running(), AsyncExitStack() as stack:
+        extra: dict[str, object] = {}
+        if layout == "endpoints":
+            extra["endpoints"] = [
+                upstream.url,
+                await stack.enter_async_context(upstream.also_on("127.0.0.2")),
+            ]
         config = {
             "upstreams": {
                 "up": {
@@ -79,6 +89,7 @@ async def test_proxy_survives_clients_hanging_up_at_random(transport: str) -> No
                     "transport": transport,
                     "pool": {"max_connections": 4, "max_keepalive_connections": 4},
                     "timeouts": {"pool": 2},
+                    **extra,
                 }
             },
             "routes": [{"prefix": "/", "upstream": "up"}],
@@ -88,7 +99,7 @@ async def test_proxy_survives_clients_hanging_up_at_random(transport: str) -> No
                 gave_up = await churn(lambda: client.get("/"), loops=16, max_wait=0.03)
             assert gave_up > 50
             snapshot = relay.relay.upstreams()["up"].snapshot
-            await eventually(lambda: snapshot().in_use == 0, within=10)
+            await eventually(lambda: pool_settled(relay), within=10)
             async with http_client(base_url=relay.url, timeout=5) as client:
                 responses = await asyncio.gather(*(client.get("/") for _ in range(4)))
             assert [r.status_code for r in responses] == [200] * 4

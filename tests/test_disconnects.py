@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 
 import httpx
 import pytest
@@ -38,8 +39,12 @@ async def raise_mid_stream(request: Request, writer: Writer) -> None:
     await hang(request, writer)  # until the proxy closes the connection
 
 
-@pytest.fixture
-async def relay(transport: str) -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
+@pytest.fixture(params=["url", "endpoints"])
+async def relay(
+    transport: str, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[RunningRelay, ScriptedUpstream]]:
+    """The proxy in front of one scripted upstream: by its url, or as an upstream of two
+    endpoints (two loopback addresses of the same server, behind the balancer)."""
     upstream = ScriptedUpstream(
         {
             "/hang": hang,
@@ -53,8 +58,12 @@ async def relay(transport: str) -> AsyncIterator[tuple[RunningRelay, ScriptedUps
     # One connection: a single leaked slot (in the gate or in the transport's own pool)
     # and still_serves() gets a 503 instead of its answer.
     pool = {"max_connections": 1, "max_keepalive_connections": 1}
-    async with upstream.running():
-        config = one_upstream(upstream.url, transport, pool=pool, timeouts={"pool": 2})
+    async with upstream.running(), AsyncExitStack() as stack:
+        extra: dict[str, object] = {}
+        if request.param == "endpoints":
+            second = await stack.enter_async_context(upstream.also_on("127.0.0.2"))
+            extra["endpoints"] = [upstream.url, second]
+        config = one_upstream(upstream.url, transport, pool=pool, timeouts={"pool": 2}, **extra)
         async with run_relay(config) as running:
             yield running, upstream
 

@@ -45,6 +45,18 @@ class LoopbackServer:
             with suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 5)
 
+    @asynccontextmanager
+    async def also_on(self, host: str) -> AsyncIterator[str]:
+        """The running server listening on ``host`` (another loopback address) too, on its
+        port: one server behind the endpoints of an upstream. Yields that address's URL."""
+        server = await asyncio.start_server(self.serve, host, self.port, backlog=self.backlog)
+        try:
+            yield f"http://{host}:{self.port}"
+        finally:
+            server.close()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 5)
+
 
 Server = TypeVar("Server", bound=LoopbackServer)
 

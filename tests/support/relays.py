@@ -90,9 +90,15 @@ def demo_config(**server: Any) -> dict[str, Any]:
 
 
 def pool_settled(relay: RunningRelay, name: str = "up") -> bool:
-    """Nothing holds or waits for a connection to this upstream."""
-    snapshot = relay.relay.upstreams()[name].snapshot()
-    return snapshot.in_use == 0 and snapshot.waiting == 0
+    """Nothing holds or waits for a connection to this upstream, nor to any endpoint of it."""
+    upstream = relay.relay.upstreams()[name]
+    snapshot = upstream.snapshot()
+    endpoints = upstream.balancer.endpoints if upstream.balancer is not None else ()
+    return (
+        snapshot.in_use == 0
+        and snapshot.waiting == 0
+        and all(endpoint.in_flight == 0 for endpoint in endpoints)
+    )
 
 
 @dataclass
