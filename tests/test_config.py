@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from service.config import ConfigError, load_settings
+from service.config import ConfigError, Settings, load_settings
 
 VALID = """
 upstreams:
@@ -430,3 +433,28 @@ def test_start_up_summary_of_a_large_config_stays_one_short_line() -> None:
     assert f"/svc{last} -> u{last}{more}; upstreams: " in line
     assert line.endswith(f"u{last} http://127.0.0.1:{20000 + last}/{more}")
     assert len(line) < 2000
+
+
+def test_the_readme_configuration_reference_names_every_field() -> None:
+    """Every field of the settings, nested ones included, appears as ``name:`` in the
+    README's *Configuration* section (its reference block, with its default)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Configuration") :]
+    section = section[: section.index("\n## ", 1)]
+
+    def fields(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+        for name, field in model.model_fields.items():
+            yield prefix + name
+            for kind in (*getattr(field.annotation, "__args__", ()), field.annotation):
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    yield from fields(kind, f"{prefix}{name}.")
+                    break
+
+    every = list(fields(Settings))
+    assert len(every) > 100
+    missing = [
+        path
+        for path in every
+        if not re.search(r"(^|[\s{(])" + re.escape(path.rsplit(".", 1)[-1]) + ":", section, re.M)
+    ]
+    assert missing == []
