@@ -14,6 +14,12 @@ Test modules import from here, never from each other.
                 the shipped artefacts they check
 ``tiers``       the ``live`` marker's guard: a helper that starts a process or a tool
                 refuses to run in a test not marked ``live``
+``logs``        the access records a test reads (the ``access`` fixture of conftest.py)
+``tls``         certificates (``trustme``), their files as a Secret volume lays them out,
+                and an HTTPS upstream recording each handshake
+``dns_server``  a DNS server on 127.0.0.1 answering from records the test edits
+``endpoints``   scripted servers on several loopback addresses sharing a port, as the
+                pods behind one name, each stopped and started on its address
 ``ws_upstream``  a real WebSocket upstream (the ``websockets`` server): echo, refusal,
                 close codes, vanishing, and the handshakes it received
 ``worker_hooks``, ``app_hook_example``: ``server.app_hook``s the tests name in configs;
