@@ -144,6 +144,38 @@ class ProxyHop:
             retry_plans=route_plans(settings.routes),
         )
 
+    def upstream_headers(
+        self,
+        scope: Scope,
+        exchange: Exchange,
+        upstream: Upstream,
+        *,
+        scheme: str,
+        request_id: tuple[bytes, bytes] | None,
+        edits: HeaderEdits | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """The request's fields as they go to ``upstream`` (``headers.upstream_request_headers``
+        with this hop's name and trust and the exchange's client); ``scheme``: the client's,
+        as X-Forwarded-Proto names it."""
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        ctx = RequestContext(
+            peer=exchange.peer_addr,
+            scheme=scheme,
+            http_version=exchange.http_version or "1.1",
+            host=first_value(raw, b"host"),
+            trusted=exchange.peer_trusted,
+        )
+        return upstream_request_headers(
+            raw,
+            ctx,
+            upstream_authority=upstream.authority,
+            preserve_host=upstream.config.preserve_host,
+            via_name=self.via,
+            trusted=self.trusted,
+            request_id=request_id,
+            edits=edits,
+        )
+
     def request_id_field(self, exchange: Exchange) -> tuple[bytes, bytes] | None:
         if exchange.request_id is None:
             return None
@@ -279,22 +311,13 @@ class Forwarding:
         self,
     ) -> tuple[str, bytes, list[tuple[bytes, bytes]], AsyncIterator[bytes] | None]:
         """Method, target, headers and body (None: the request has none) to send upstream."""
-        scope, upstream, exchange = self.scope, self.upstream, self.exchange
+        scope, upstream = self.scope, self.upstream
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
-        ctx = RequestContext(
-            peer=exchange.peer_addr,
+        out_headers = self.hop.upstream_headers(
+            scope,
+            self.exchange,
+            upstream,
             scheme=scope.get("scheme", "http"),
-            http_version=exchange.http_version or "1.1",
-            host=first_value(raw_headers, b"host"),
-            trusted=exchange.peer_trusted,
-        )
-        out_headers = upstream_request_headers(
-            raw_headers,
-            ctx,
-            upstream_authority=upstream.authority,
-            preserve_host=upstream.config.preserve_host,
-            via_name=self.hop.via,
-            trusted=self.hop.trusted,
             request_id=self.request_id,
             edits=self.policy.request_headers if self.policy is not None else None,
         )

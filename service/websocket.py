@@ -28,8 +28,7 @@ from .config import RouteConfig, WebSocketConfig
 from .errors import Reason
 from .exchange import Exchange, Phase, Side
 from .forwarding import CLIENT_CLOSED_REQUEST, ProxyHop
-from .headers import RequestContext, downstream_response_headers, first_value
-from .headers import upstream_request_headers as forwarded_headers
+from .headers import downstream_response_headers
 from .session import Closer, Direction, Session, SessionResult
 from .upstreams.pools import Upstream
 from .websocket_ends import (
@@ -186,22 +185,12 @@ class WebSocketRelay:
                 connection.transport.abort()
 
     def _forwarded(self, upstream: Upstream) -> list[tuple[bytes, bytes]]:
-        scope, exchange = self.scope, self.exchange
-        raw: list[tuple[bytes, bytes]] = scope["headers"]
-        ctx = RequestContext(
-            peer=exchange.peer_addr,
+        scope = self.scope
+        headers = self.hop.upstream_headers(
+            scope,
+            self.exchange,
+            upstream,
             scheme=_SCHEMES.get(scope.get("scheme", "ws"), "http"),
-            http_version=exchange.http_version or "1.1",
-            host=first_value(raw, b"host"),
-            trusted=exchange.peer_trusted,
-        )
-        headers = forwarded_headers(
-            raw,
-            ctx,
-            upstream_authority=upstream.authority,
-            preserve_host=upstream.config.preserve_host,
-            via_name=self.hop.via,
-            trusted=self.hop.trusted,
             request_id=self.request_id,
         )
         if trace.get_current_span().is_recording():
