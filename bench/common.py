@@ -142,25 +142,27 @@ def process(
 
 # -- nginx ---------------------------------------------------------------------------------
 
-NGINX_UPSTREAM = """
+# What every nginx of the benchmarks shares: one worker in the foreground, no access log,
+# its files in its own directory; the ``http`` block's upstreams and servers follow.
+NGINX_HTTP = """
 worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
   client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
   fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  server {{ listen 127.0.0.1:{port}; location / {{ root {tmp}/www; }} }}
-}}
 """
 
-NGINX_PROXY = """
-worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  upstream up {{ server 127.0.0.1:{upstream}; keepalive 100; }}
+NGINX_UPSTREAM = (
+    NGINX_HTTP
+    + """  server {{ listen 127.0.0.1:{port}; location / {{ root {tmp}/www; }} }}
+}}
+"""
+)
+
+NGINX_PROXY = (
+    NGINX_HTTP
+    + """  upstream up {{ server 127.0.0.1:{upstream}; keepalive 100; }}
   server {{
     listen 127.0.0.1:{port};
     location / {{
@@ -169,6 +171,7 @@ http {{
   }}
 }}
 """
+)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from common import (
     BENCH,
     LOOPBACK,
+    NGINX_HTTP,
     ROOT,
     Served,
     free_port,
@@ -27,14 +28,9 @@ from common import (
 
 # nginx as a streaming reverse proxy: request and response bodies pass through (no temp
 # files, no size limit), upstream connections kept alive and reused.
-NGINX_STREAMING_PROXY = """
-worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  upstream up {{ server 127.0.0.1:{upstream}; keepalive {keepalive}; }}
+NGINX_STREAMING_PROXY = (
+    NGINX_HTTP
+    + """  upstream up {{ server 127.0.0.1:{upstream}; keepalive {keepalive}; }}
   server {{
     listen 127.0.0.1:{port};
     client_max_body_size 0;
@@ -45,6 +41,7 @@ http {{
   }}
 }}
 """
+)
 
 
 @dataclass(frozen=True)

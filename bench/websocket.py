@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 from common import (
     LOOPBACK,
+    NGINX_HTTP,
     environment,
     free_port,
     markdown_table,
@@ -48,14 +49,9 @@ async def main():
 asyncio.run(main())
 """
 
-NGINX_WEBSOCKET = """
-worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fcgi; uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  server {{
+NGINX_WEBSOCKET = (
+    NGINX_HTTP
+    + """  server {{
     listen 127.0.0.1:{port};
     location / {{
       proxy_pass http://127.0.0.1:{upstream};
@@ -67,6 +63,7 @@ http {{
   }}
 }}
 """
+)
 
 
 @contextmanager
