@@ -14,7 +14,7 @@ VOCABULARY |= {"service.retry_config", "service.config_endpoints", "service.conf
 VOCABULARY |= {"service.config_upstreams"}
 CORE = {"service.app", "service.proxy", "service.forwarding", "service.routing"}
 CORE |= {"service.headers", "service.request_ids", "service.route_policy"}
-CORE |= {"service.retries"}
+CORE |= {"service.retries", "service.client_channel"}
 CORE |= {"service.websocket", "service.websocket_ends", "service.websocket_upstream"}
 
 

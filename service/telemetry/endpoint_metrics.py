@@ -17,9 +17,9 @@ from prometheus_client.registry import Collector
 
 from ..config_upstreams import UpstreamConfig
 from ..upstreams.endpoints import EJECTION_REASONS, EndpointCounts, State
+from .names import PREFIX
 from .zeros import ZeroSeries
 
-PREFIX = "relay"
 STATES = tuple(state.value for state in State)
 RESULTS = ("success", "failure")
 RECYCLE_REASONS = ("age", "requests")

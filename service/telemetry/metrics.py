@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Generic, Literal, TypeVar
 
 from prometheus_client import (
@@ -25,7 +25,6 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
@@ -37,15 +36,14 @@ from ..retry_config import CONNECT_RETRY, STALE_CONNECTION
 from ..upstreams.gated import PoolSnapshot
 from .endpoint_metrics import EndpointCountSource, EndpointMetrics
 from .multiproc import PodScrape, process_collectors
+from .names import PREFIX, UPSTREAM, UPSTREAM_ROUTE
 from .pod import PodTable
+from .pool_metrics import POOL_GAUGES, PoolCollector, pool_samples
 from .prometheus_compat import legacy_names_as_is
 from .websocket_metrics import SessionMetrics
 from .zeros import Exposition, ZeroSeries
 
-PREFIX = "relay"
 NO_UPSTREAM = "-"  # label value for requests that matched no route
-UPSTREAM = ["upstream"]
-UPSTREAM_ROUTE = ["upstream", "route"]
 ERROR_LABELS = ["upstream", "reason"]
 DISCONNECT_LABELS = ["upstream", "side", "phase"]
 TLS_RELOAD_LABELS = ["upstream", "result"]
@@ -72,52 +70,6 @@ def multiprocess_dir() -> str | None:
 
 def fold_method(method: str) -> str:
     return method if method in KNOWN_METHODS else "other"
-
-
-# Name (after the prefix), help and labels of each pool gauge: one definition for both
-# modes (read at scrape time with one process, sampled into live gauges with several).
-_POOL_GAUGES: dict[str, tuple[str, list[str]]] = {
-    "pool_connections": (
-        "Upstream pool connections by state (in_use includes ones being opened).",
-        ["upstream", "state"],
-    ),
-    "pool_max_connections": ("Configured maximum connections of the upstream pool.", UPSTREAM),
-    "pool_waiting_requests": ("Requests waiting for a free upstream connection.", UPSTREAM),
-}
-
-PoolSample = tuple[str, tuple[str, ...], float]
-
-
-def pool_samples(snapshots: Iterable[PoolSnapshot]) -> Iterator[PoolSample]:
-    """(gauge, label values, value) of every pool gauge, from the pool gates' snapshots."""
-    for snap in snapshots:
-        yield "pool_connections", (snap.upstream, "in_use"), snap.in_use
-        yield "pool_connections", (snap.upstream, "idle"), snap.idle
-        yield "pool_max_connections", (snap.upstream,), snap.max
-        yield "pool_waiting_requests", (snap.upstream,), snap.waiting
-
-
-class _PoolCollector(Collector):
-    """Reads the pool gates at scrape time (single-process mode)."""
-
-    def __init__(self, snapshots: Callable[[], Iterable[PoolSnapshot]]) -> None:
-        self._snapshots = snapshots
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        families = _pool_families()
-        for name, labels, value in pool_samples(self._snapshots()):
-            families[name].add_metric(labels, value)
-        yield from families.values()
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield from _pool_families().values()
-
-
-def _pool_families() -> dict[str, GaugeMetricFamily]:
-    return {
-        name: GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=labels)
-        for name, (help_text, labels) in _POOL_GAUGES.items()
-    }
 
 
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -311,9 +263,9 @@ class Metrics(ExchangeObserver):
         gauges that the scrape sums."""
         self._pool_gauges: dict[str, Gauge] = {}
         if not self.multiprocess:
-            self.registry.register(_PoolCollector(lambda: self._snapshots()))
+            self.registry.register(PoolCollector(lambda: self._snapshots()))
             return
-        for name, (help_text, labels) in _POOL_GAUGES.items():
+        for name, (help_text, labels) in POOL_GAUGES.items():
             self._pool_gauges[name] = self._gauge(name, help_text, labels, "livesum")
 
     def _register_process_metrics(self, pod: PodTable | None) -> None:

@@ -11,12 +11,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ..exchange import Exchange
 from ..session import Direction, SessionResult
+from .names import UPSTREAM, UPSTREAM_ROUTE
 from .zeros import ZeroSeries
 
-UPSTREAM = ["upstream"]
 DIRECTION_LABELS = ["upstream", "direction"]
 SESSION_LABELS = ["upstream", "route", "result"]
-UPSTREAM_ROUTE = ["upstream", "route"]
 # 100 ms to a day: a session lives from a single exchange to a long-lived subscription.
 SESSION_BUCKETS = (
     0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0,
