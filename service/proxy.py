@@ -137,7 +137,8 @@ class Proxy:
             if route is None:
                 await relay.refuse(Reason.NO_ROUTE, None)
             else:
-                await relay.run(route, self._upstreams()[route.upstream])
+                policy = self._policies.get(route)
+                await relay.run(route, self._upstreams()[route.upstream], policy)
         except asyncio.CancelledError:
             # Cut by the drain before the session opened (an open one closes itself).
             task = asyncio.current_task()

@@ -29,6 +29,7 @@ from .errors import Reason
 from .exchange import Exchange, Phase, Side
 from .forwarding import CLIENT_CLOSED_REQUEST, ProxyHop
 from .headers import downstream_response_headers
+from .route_policy import RoutePolicy
 from .session import Closer, Direction, Session, SessionResult
 from .upstreams.pools import Upstream
 from .websocket_ends import (
@@ -126,12 +127,18 @@ class WebSocketRelay:
         self.session = exchange.websocket = Session()
         self.request_id = hop.request_id_field(exchange)
         self._last_message = 0.0
+        self._policy: RoutePolicy | None = None  # the route's, once routed
 
     async def refuse(self, reason: Reason, upstream: str | None) -> None:
         """Answer the handshake with the proxy's own error for ``reason``."""
-        await self.hop.send_error(http_messages(self.send), self.exchange, reason, upstream)
+        edits = self._policy.response_headers if self._policy is not None else None
+        await self.hop.send_error(
+            http_messages(self.send), self.exchange, reason, upstream, edits=edits
+        )
 
-    async def run(self, route: RouteConfig, upstream: Upstream) -> None:
+    async def run(self, route: RouteConfig, upstream: Upstream, policy: RoutePolicy | None) -> None:
+        """``policy``: the route's, whose header policies apply to the handshake both ways."""
+        self._policy = policy
         connect = await self.receive()
         if connect["type"] != "websocket.connect":
             return  # the client went before its handshake was read
@@ -192,6 +199,7 @@ class WebSocketRelay:
             upstream,
             scheme=_SCHEMES.get(scope.get("scheme", "ws"), "http"),
             request_id=self.request_id,
+            edits=self._policy.request_headers if self._policy is not None else None,
         )
         if trace.get_current_span().is_recording():
             # Traced: the upstream continues the session's trace, as HTTP requests continue
@@ -210,6 +218,7 @@ class WebSocketRelay:
             via_name=self.hop.via,
             status=status,
             request_id=self.request_id,
+            edits=self._policy.response_headers if self._policy is not None else None,
         )
 
     async def _pass_refusal(self, refused: Refused) -> None:

@@ -645,3 +645,21 @@ async def test_an_upstream_with_no_healthy_endpoint_refuses_the_handshake_503() 
         response = refused.value.response
         assert response.status_code == 503
         assert "error=destination_unavailable" in response.headers["proxy-status"]
+
+
+async def test_the_routes_header_policies_apply_to_the_handshake(no_error_logs: None) -> None:
+    route = {
+        "request_headers": {"set": {"X-Env": "prod"}, "remove": ["X-Debug"]},
+        "response_headers": {"set": {"X-Frame-Options": "DENY"}},
+    }
+    async with (
+        proxied(route=route) as (up, _relay, base),
+        client(base + "/x", additional_headers={"X-Debug": "1", "X-Env": "dev"}) as ws,
+    ):
+        await ws.send("policies")
+        assert await ws.recv() == "policies"
+        assert ws.response is not None
+        assert ws.response.headers["x-frame-options"] == "DENY"
+    (request,) = up.handshakes
+    assert request.headers.get_all("x-env") == ["prod"]
+    assert "x-debug" not in request.headers
