@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.logs import Records
 from tests.support.relays import RunningRelay, StartRelay, one_upstream, run_relay
 from tests.support.scripted import ScriptedUpstream
 from tests.support.tiers import entering
@@ -89,3 +90,11 @@ def no_error_logs(
         or any(m in str(w.message) for m in LEAK_MARKERS)
     ]
     assert not bad, "errors were logged:\n" + "\n".join(bad)
+
+
+@pytest.fixture
+def access(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Records:
+    """The access records logged so far in the test, in order."""
+    monkeypatch.setattr(logging.getLogger("relay.access"), "disabled", False)
+    caplog.set_level(logging.INFO, logger="relay.access")
+    return lambda: [r for r in caplog.records if r.name == "relay.access"]

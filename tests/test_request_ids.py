@@ -11,7 +11,7 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +25,7 @@ from service.headers import CLAIMED_NAMES, FORWARDED_NAMES, HOP_BY_HOP, forwarde
 from service.request_ids import MAX_LENGTH, acceptable, new_request_id
 from service.telemetry.logs import configure
 from service.telemetry.tracing import Instrumentation, Tracing
+from tests.support.logs import Records
 from tests.support.net import closed_port, eventually
 from tests.support.recording import RecordingUpstream
 from tests.support.relays import RunningRelay, run_relay
@@ -232,17 +233,6 @@ async def rig(
 async def stack() -> AsyncIterator[AsyncExitStack]:
     async with AsyncExitStack() as exits:
         yield exits
-
-
-Records = Callable[[], list[logging.LogRecord]]
-
-
-@pytest.fixture
-def access(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Records:
-    """The access records logged so far in the test, in order."""
-    monkeypatch.setattr(logging.getLogger("relay.access"), "disabled", False)
-    caplog.set_level(logging.INFO, logger="relay.access")
-    return lambda: [r for r in caplog.records if r.name == "relay.access"]
 
 
 def logged(record: logging.LogRecord, name: str) -> Any:

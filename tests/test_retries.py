@@ -5,10 +5,9 @@ left idle afterwards."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +23,7 @@ from service.retries import RetryBudget, RetryPolicy
 from service.retry_config import RetryConfig
 from service.telemetry.tracing import Instrumentation
 from tests.support.http import http_client
+from tests.support.logs import Records
 from tests.support.metrics import metric
 from tests.support.net import closed_port, eventually, port_of
 from tests.support.relays import RunningRelay, one_upstream, pool_settled, run_relay
@@ -40,8 +40,6 @@ from tests.support.scripted import (
 from tests.support.tracing import in_memory
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
-Records = Callable[[], list[logging.LogRecord]]
-
 OK = respond(200, b"ok")
 
 
@@ -87,14 +85,6 @@ async def settled(relay: RunningRelay) -> None:
 async def scripted() -> AsyncIterator[ScriptedUpstream]:
     async with ScriptedUpstream({}).running() as running:
         yield running
-
-
-@pytest.fixture
-def access(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Records:
-    """The access records logged so far in the test, in order."""
-    monkeypatch.setattr(logging.getLogger("relay.access"), "disabled", False)
-    caplog.set_level(logging.INFO, logger="relay.access")
-    return lambda: [r for r in caplog.records if r.name == "relay.access"]
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])

@@ -5,9 +5,7 @@ and its header policies set and remove fields both ways; bad policies are refuse
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from service.headers import RequestContext, downstream_response_headers, upstrea
 from service.route_policy import HeaderEdits, RoutePolicies, RoutePolicy
 from service.telemetry.tracing import Instrumentation
 from tests.support.http import http_client
+from tests.support.logs import Records
 from tests.support.metrics import exposition_async, samples, value
 from tests.support.net import closed_port, eventually
 from tests.support.recording import RecordingUpstream
@@ -52,17 +51,6 @@ def policy_config(
         "upstreams": {"up": {"url": url, "transport": transport, **upstream}},
         "routes": [{"upstream": "up", **route} for route in routes],
     }
-
-
-Records = Callable[[], list[logging.LogRecord]]
-
-
-@pytest.fixture
-def access(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Records:
-    """The access records logged so far in the test, in order."""
-    monkeypatch.setattr(logging.getLogger("relay.access"), "disabled", False)
-    caplog.set_level(logging.INFO, logger="relay.access")
-    return lambda: [r for r in caplog.records if r.name == "relay.access"]
 
 
 def total_timeouts(metrics: str) -> float:
